@@ -1,0 +1,184 @@
+"""bitnest checkpoints: a Hugging Face-style directory.
+
+  config.json                    the model's config + `quantization_config` (below)
+  model.safetensors              or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+  tokenizer files                as the tokenizer saves them
+
+quantization_config = {
+  "quant_method": "bitnest", "format_version": 1,
+  "method": "rtn" | "sliced" | ..., "config": {bits, group_size, symmetric, targets, overrides, ...},
+  "nested": bool,                # Matryoshka: codes stored once at parent width, servable at any r
+  "storage_dtype": "bfloat16",   # dtype of the unquantized tensors
+  "source_model": "...",         # what was quantized (teacher for KL / top-1 agreement)
+  "modules": {name: {bits, parent_bits, serve_bits, group_size, symmetric, in_features, out_features, bias}},
+}
+A quantized Linear `name` stores `name.qweight` (uint8, packed by formats.packing), `name.scale` and, when
+asymmetric, `name.zero` (float16, one per group). Writes go to a temporary sibling directory renamed into
+place, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import BitnestError
+
+FORMAT_VERSION = 1
+
+
+def _unique_state(model: torch.nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """state_dict without tied duplicates (HF re-ties them on load), floats cast to the storage dtype."""
+    from ..nn.qlinear import QuantLinear
+
+    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for b in ("scale", "zero")}
+    seen, out = set(), {}
+    for k, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        if t.is_floating_point() and k not in packed:
+            t = t.to(storage_dtype)
+        out[k] = t.detach().contiguous().cpu()
+    return out
+
+
+def atomic_dir(out: Path, overwrite: bool):
+    """Context manager yielding a temp dir that replaces `out` on success and vanishes on failure."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        if out.exists() and not overwrite:
+            raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            yield tmp
+            _publishable(tmp)
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return cm()
+
+
+def _publishable(tmp: Path) -> None:
+    """mkdtemp and some writers create owner-only files; give the result ordinary permissions (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for f in tmp.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+
+
+def save_quantized(model, tokenizer, out: str | os.PathLike, quantization_config: dict, *,
+                   storage_dtype: torch.dtype = torch.float16, max_shard_size: str | int = "2GB",
+                   overwrite: bool = False) -> Path:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from ..nn.qlinear import QuantLinear
+
+    out = Path(out)
+    qc = {"quant_method": "bitnest", "format_version": FORMAT_VERSION, **quantization_config,
+          "storage_dtype": str(storage_dtype).replace("torch.", ""),
+          "modules": {n: m.layer_config() for n, m in model.named_modules() if isinstance(m, QuantLinear)}}
+    state = _unique_state(model, storage_dtype)
+    with atomic_dir(out, overwrite) as tmp:
+        split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                                   max_shard_size=max_shard_size)
+        for fname, keys in split.filename_to_tensors.items():
+            save_file({k: state[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        cfg = model.config.to_dict()
+        cfg["quantization_config"] = qc
+        cfg["dtype"] = qc["storage_dtype"]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return out
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from ..models.hf import check_safetensors
+
+    state = {}
+    for f in check_safetensors(path):
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: dict[str, int] | None = None):
+    """Rebuild the model with QuantLinear shells from `modules`, then load the packed tensors.
+
+    `bits` serves every nested layer at r bits; `overrides` maps module-name globs to r (Mix'n'Match).
+    """
+    import fnmatch
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models.blocks import replace_module
+    from ..models.hf import Loaded, _load_tokenizer, read_config
+    from ..nn.qlinear import QuantLinear
+
+    path = Path(path)
+    cfg = read_config(path)
+    qc = cfg["quantization_config"]
+    if qc.get("format_version", 0) > FORMAT_VERSION:
+        raise BitnestError(f"{path} was written by a newer bitnest (format {qc['format_version']} > {FORMAT_VERSION}); upgrade bitnest")
+    if (bits is not None or overrides) and not qc.get("nested"):
+        raise BitnestError(f"{path} stores {qc['config'].get('bits')}-bit {qc['method']} codes; --bits only re-slices "
+                           "Matryoshka checkpoints (method sliced/matquant)")
+    state = _read_state(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        with init_empty_weights(include_buffers=False):  # params on meta: no random init, no double memory
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as e:
+        raise BitnestError(f"could not build the model described by {path}/config.json: {str(e).splitlines()[0]}") from None
+    for name, lc in qc["modules"].items():
+        lc = dict(lc)
+        r = next((b for pat, b in (overrides or {}).items() if fnmatch.fnmatchcase(name, pat)), bits)
+        if r is not None:
+            if not 1 <= r <= lc["bits"]:
+                raise BitnestError(f"cannot serve {name} at {r} bits: it stores {lc['bits']}-bit codes (choose 1..{lc['bits']})")
+            lc["serve_bits"] = r
+        replace_module(model, name, QuantLinear.from_layer_config(lc))
+    state = {k: (v.float() if v.is_floating_point() and not k.endswith((".scale", ".zero")) else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise BitnestError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.eval()
+    storage = getattr(torch, qc.get("storage_dtype", "float16"))
+    return Loaded(model, _load_tokenizer(str(path)), str(path), storage, qc)
+
+
+def _is_tied(model, key: str) -> bool:
+    """True when `key` is a parameter that shares storage with another (tied embeddings)."""
+    if not key.endswith(".weight"):
+        return False
+    try:
+        t = model.get_parameter(key)
+    except AttributeError:
+        return False
+    return any(p is t for n, p in model.named_parameters(remove_duplicate=False) if n != key)

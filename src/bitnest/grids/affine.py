@@ -1,0 +1,137 @@
+"""Affine (MinMax) integer grids: ŵ = α · (q − z), q ∈ {0, …, 2^b − 1}.
+
+Granularity is a group size along the input dimension of W (out, in):
+  - `group_size=None`  per output channel (one α, z per row),
+  - `group_size=-1`    per tensor,
+  - `group_size=g`     per group of g consecutive inputs (g must divide `in`).
+Asymmetric (the MatQuant base quantizer, methods.md §1): α = (max − min)/(2^b − 1), z = −min/α, with z
+kept real-valued as in the paper. Symmetric: α = max|w| / (2^(b−1) − 1), z = 2^(b−1) (implicit, not
+stored), so 0 is exact. α and z are rounded to their storage dtype (fp16) *before* codes are computed, so
+the fake-quant forward used in training equals the forward of the packed checkpoint exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BitnestError
+
+STORE_DTYPE = torch.float16  # dtype of α and z on disk; 16 bits each per group in bits accounting
+
+
+@dataclass(frozen=True)
+class AffineSpec:
+    bits: int = 4
+    group_size: int | None = None  # None: per channel, -1: per tensor, g > 0: per group of g inputs
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise BitnestError(f"bits must be an integer in 1..8, got {self.bits!r}")
+        if self.group_size is not None and self.group_size != -1 and self.group_size <= 0:
+            raise BitnestError(f"group size must be positive, -1 (per tensor) or None (per channel), got {self.group_size}")
+        if self.symmetric and self.bits < 2:
+            raise BitnestError("symmetric grids need at least 2 bits (1-bit symmetric is a sign grid: use --method onebit)")
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def granularity(self) -> str:
+        return "channel" if self.group_size is None else "tensor" if self.group_size == -1 else f"group{self.group_size}"
+
+    def check_shape(self, out_features: int, in_features: int, name: str = "weight") -> None:
+        g = self.group_size
+        if g is not None and g > 0 and in_features % g:
+            raise BitnestError(f"group size {g} does not divide the {in_features} input features of {name}")
+
+
+def grouped(W: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """(out, in) -> (R, G, g): rows R that own scales, G groups per row, g weights per group."""
+    out, inp = W.shape
+    if group_size is None:
+        return W.reshape(out, 1, inp)
+    if group_size == -1:
+        return W.reshape(1, 1, out * inp)
+    return W.reshape(out, inp // group_size, group_size)
+
+
+def ungrouped(Wg: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return Wg.reshape(shape)
+
+
+def fit(W: torch.Tensor, spec: AffineSpec, gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None):
+    """MinMax α, z per group, as stored: (R, G) each in STORE_DTYPE. z is None when symmetric.
+
+    gamma/beta (R, G) in [0, 1] shrink max/min (OmniQuant's learnable weight clipping); None = 1.
+    """
+    Wg = grouped(W.float(), spec.group_size)  # (R, G, g)
+    if spec.symmetric:
+        m = Wg.abs().amax(-1)  # (R, G)
+        if gamma is not None:
+            m = m * gamma
+        alpha = (m / ((1 << (spec.bits - 1)) - 1)).clamp_min(1e-8)
+        return alpha.to(STORE_DTYPE), None
+    wmax, wmin = Wg.amax(-1), Wg.amin(-1)  # (R, G)
+    if gamma is not None:
+        wmax = wmax * gamma
+    if beta is not None:
+        wmin = wmin * beta
+    alpha = ((wmax - wmin) / spec.qmax).clamp_min(1e-8)  # (R, G); clamp: constant groups
+    alpha = alpha.to(STORE_DTYPE).float()
+    z = -wmin / alpha
+    return alpha.to(STORE_DTYPE), z.to(STORE_DTYPE)
+
+
+def zero_point(spec: AffineSpec, z: torch.Tensor | None) -> torch.Tensor | float:
+    return float(1 << (spec.bits - 1)) if z is None else z.float()
+
+
+def quantize(W: torch.Tensor, spec: AffineSpec, alpha: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """q = clamp(round(w/α + z), 0, 2^b − 1) as uint8, shape of W (torch.round: half to even).
+
+    z is real-valued (the paper's z = −min/α), so it is added before rounding: min(w) maps to code 0 and
+    max(w) to 2^b − 1 exactly, and the error stays ≤ α/2 everywhere inside the range."""
+    Wg = grouped(W.float(), spec.group_size)  # (R, G, g)
+    zz = zero_point(spec, z)
+    zz = zz.unsqueeze(-1) if isinstance(zz, torch.Tensor) else zz
+    q = torch.round(Wg / alpha.float().unsqueeze(-1) + zz).clamp(0, spec.qmax)
+    return q.to(torch.uint8).reshape(W.shape)
+
+
+def dequantize(q: torch.Tensor, spec: AffineSpec, alpha: torch.Tensor, z: torch.Tensor | None,
+               shift: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ŵ = α · ((q << shift) − z). `shift` = c − r for an r-bit slice stored as r-bit codes of a c-bit grid
+    (multiplying by 2^shift is exact in floating point, so a stored slice dequantizes bit-identically to
+    slicing the parent on the fly)."""
+    qg = grouped(q, spec.group_size).float() * float(1 << shift)  # (R, G, g)
+    zz = zero_point(spec, z)
+    zz = zz.unsqueeze(-1) if isinstance(zz, torch.Tensor) else zz
+    return (alpha.float().unsqueeze(-1) * (qg - zz)).reshape(q.shape).to(dtype)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+round_ste = _RoundSTE.apply
+
+
+def fake_quant(W: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
+    """Quantize-dequantize with a straight-through round: forward equals `dequantize(quantize(W))`,
+    backward passes gradients through round (and through the clamp's interior)."""
+    alpha, z = fit(W.detach(), spec)
+    Wg = grouped(W, spec.group_size)  # (R, G, g)
+    a = alpha.float().unsqueeze(-1)
+    zz = zero_point(spec, z)
+    zz = zz.unsqueeze(-1) if isinstance(zz, torch.Tensor) else zz
+    q = round_ste(Wg / a + zz).clamp(0, spec.qmax)
+    return (a * (q - zz)).reshape(W.shape).to(W.dtype)

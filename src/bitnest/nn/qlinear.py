@@ -1,0 +1,104 @@
+"""QuantLinear: a Linear that holds packed codes + per-group scales/zeros and computes through kernels.
+
+Fields (all serialized in the checkpoint's quantization_config["modules"][name]):
+  bits         width of the stored codes (packing width)
+  parent_bits  c, the width of the grid that `scale`/`zero` describe (== bits unless this is a stored
+               r-bit slice of a c-bit Matryoshka grid)
+  serve_bits   r, the width served at inference; < bits only for a nested (Matryoshka) layer, whose c-bit
+               codes are sliced on the fly — one checkpoint, every precision
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats.packing import pack, packed_len
+from ..grids.affine import AffineSpec, STORE_DTYPE, fit, quantize
+from ..kernels import reference
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int | None,
+                 symmetric: bool, parent_bits: int | None = None, serve_bits: int | None = None,
+                 bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits = bits
+        self.parent_bits = parent_bits or bits
+        self.serve_bits = serve_bits or bits
+        self.group_size, self.symmetric = group_size, symmetric
+        self.spec = AffineSpec(self.parent_bits, group_size, symmetric)
+        self.spec.check_shape(out_features, in_features)
+        R, G = self._scale_shape()
+        self.register_buffer("qweight", torch.zeros(out_features, packed_len(in_features, bits), dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(R, G, dtype=STORE_DTYPE, device=device))
+        self.register_buffer("zero", None if symmetric else torch.zeros(R, G, dtype=STORE_DTYPE, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    def _scale_shape(self) -> tuple[int, int]:
+        g = self.group_size
+        if g is None:
+            return self.out_features, 1
+        if g == -1:
+            return 1, 1
+        return self.out_features, self.in_features // g
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale, zero, *, bits, group_size, symmetric, parent_bits=None,
+                   serve_bits=None, bias=None) -> "QuantLinear":
+        """Wrap already-computed codes (out, in) in [0, 2^bits)."""
+        out, inp = codes.shape
+        m = cls(inp, out, bits=bits, group_size=group_size, symmetric=symmetric, parent_bits=parent_bits,
+                serve_bits=serve_bits, bias=bias is not None, device=codes.device)
+        m.qweight.copy_(pack(codes, bits))
+        m.scale.copy_(scale)
+        if zero is not None:
+            m.zero.copy_(zero)
+        if bias is not None:
+            m.bias.data.copy_(bias.detach())
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: AffineSpec, serve_bits: int | None = None) -> "QuantLinear":
+        """RTN: MinMax fit, round to nearest."""
+        W = linear.weight.detach()  # (out, in)
+        spec.check_shape(*W.shape)
+        alpha, z = fit(W, spec)
+        q = quantize(W, spec, alpha, z)  # (out, in) uint8
+        return cls.from_codes(q, alpha, z, bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                              serve_bits=serve_bits, bias=linear.bias)
+
+    def layer_config(self) -> dict:
+        return {"bits": self.bits, "parent_bits": self.parent_bits, "serve_bits": self.serve_bits,
+                "group_size": self.group_size, "symmetric": self.symmetric,
+                "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_layer_config(cls, cfg: dict, device=None) -> "QuantLinear":
+        return cls(cfg["in_features"], cfg["out_features"], bits=cfg["bits"], group_size=cfg["group_size"],
+                   symmetric=cfg["symmetric"], parent_bits=cfg["parent_bits"], serve_bits=cfg["serve_bits"],
+                   bias=cfg["bias"], device=device)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return reference.dequant_weight(self.qweight, self.scale, self.zero, bits=self.bits,
+                                        parent_bits=self.parent_bits, serve_bits=self.serve_bits,
+                                        group_size=self.group_size, symmetric=self.symmetric,
+                                        in_features=self.in_features, dtype=dtype)
+
+    def stored_bits(self) -> int:
+        """Every stored bit of the quantized weight: packed codes, scales, zeros (bias excluded)."""
+        n = self.qweight.numel() * 8 + self.scale.numel() * 16
+        return n + (0 if self.zero is None else self.zero.numel() * 16)
+
+    def served_bits(self) -> int:
+        """Bits a standalone checkpoint at serve_bits would store (codes at r bits + scales/zeros)."""
+        return self.stored_bits() - self.qweight.numel() * 8 + self.out_features * packed_len(self.in_features, self.serve_bits) * 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.linear(x, self.dequantized_weight(x.dtype if x.is_floating_point() else torch.float32), self.bias)
+
+    def extra_repr(self) -> str:
+        s = f"in={self.in_features}, out={self.out_features}, bits={self.serve_bits}"
+        if self.serve_bits != self.bits:
+            s += f" (nested in {self.bits})"
+        return s + f", {self.spec.granularity}, {'sym' if self.symmetric else 'asym'}"
