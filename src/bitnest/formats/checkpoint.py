@@ -13,8 +13,10 @@ quantization_config = {
   "modules": {name: {bits, parent_bits, serve_bits, group_size, symmetric, in_features, out_features, bias}},
 }
 A quantized Linear `name` stores `name.qweight` (uint8, packed by formats.packing), `name.scale` and, when
-asymmetric, `name.zero` (float16, one per group). Writes go to a temporary sibling directory renamed into
-place, so a crash never leaves a half-written checkpoint.
+asymmetric, `name.zero` (float16, one per group). Other packed layers carry a "kind" in their module entry
+(MODULE_KINDS; "onebit": `qweight` 1-bit signs, `g`/`h` float16 value vectors) and are rebuilt as stored.
+Writes go to a temporary sibling directory renamed into place, so a crash never leaves a half-written
+checkpoint.
 """
 from __future__ import annotations
 
@@ -31,11 +33,41 @@ from ..errors import BitnestError
 FORMAT_VERSION = 1
 
 
-def _unique_state(model: torch.nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """state_dict without tied duplicates (HF re-ties them on load), floats cast to the storage dtype."""
+# Packed module types other than QuantLinear, by the "kind" key of their layer config (QuantLinear has none).
+MODULE_KINDS = {"onebit": ("bitnest.nn.onebit", "PackedSignLinear"),
+                "codebook": ("bitnest.nn.codebook", "CodebookLinear")}
+
+
+def _packed_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """QuantLinear and every other packed module (a `kind` in MODULE_KINDS), by name."""
     from ..nn.qlinear import QuantLinear
 
-    packed = {f"{n}.{b}" for n, m in model.named_modules() if isinstance(m, QuantLinear) for b in ("scale", "zero")}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, QuantLinear) or getattr(m, "kind", None) in MODULE_KINDS}
+
+
+def _keep_dtype(model: torch.nn.Module) -> set[str]:
+    """Tensors stored in their own dtype (scales, zeros, value vectors), not the model's storage dtype."""
+    return {f"{n}.{b}" for n, m in _packed_modules(model).items() for b in getattr(m, "keep_dtype", ("scale", "zero"))}
+
+
+def _module_class(lc: dict):
+    from ..nn.qlinear import QuantLinear
+
+    kind = lc.get("kind")
+    if kind is None:
+        return QuantLinear
+    if kind not in MODULE_KINDS:
+        raise BitnestError(f"this checkpoint has {kind!r} layers, which this bitnest cannot load; upgrade bitnest")
+    import importlib
+
+    mod, cls = MODULE_KINDS[kind]
+    return getattr(importlib.import_module(mod), cls)
+
+
+def _unique_state(model: torch.nn.Module, storage_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """state_dict without tied duplicates (HF re-ties them on load), floats cast to the storage dtype."""
+    packed = _keep_dtype(model)
     seen, out = set(), {}
     for k, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -89,12 +121,10 @@ def save_quantized(model, tokenizer, out: str | os.PathLike, quantization_config
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    from ..nn.qlinear import QuantLinear
-
     out = Path(out)
     qc = {"quant_method": "bitnest", "format_version": FORMAT_VERSION, **quantization_config,
           "storage_dtype": str(storage_dtype).replace("torch.", ""),
-          "modules": {n: m.layer_config() for n, m in model.named_modules() if isinstance(m, QuantLinear)}}
+          "modules": {n: m.layer_config() for n, m in _packed_modules(model).items()}}
     state = _unique_state(model, storage_dtype)
     with atomic_dir(out, overwrite) as tmp:
         split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
@@ -156,13 +186,18 @@ def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: 
         raise BitnestError(f"could not build the model described by {path}/config.json: {str(e).splitlines()[0]}") from None
     for name, lc in qc["modules"].items():
         lc = dict(lc)
+        if lc.get("kind") is not None:  # a non-QuantLinear packed module (e.g. OneBit): rebuilt as stored
+            replace_module(model, name, _module_class(lc).from_layer_config(lc))
+            continue
         r = next((b for pat, b in (overrides or {}).items() if fnmatch.fnmatchcase(name, pat)), bits)
         if r is not None:
             if not 1 <= r <= lc["bits"]:
                 raise BitnestError(f"cannot serve {name} at {r} bits: it stores {lc['bits']}-bit codes (choose 1..{lc['bits']})")
             lc["serve_bits"] = r
         replace_module(model, name, QuantLinear.from_layer_config(lc))
-    state = {k: (v.float() if v.is_floating_point() and not k.endswith((".scale", ".zero")) else v) for k, v in state.items()}
+    keep = _keep_dtype(model)
+    state = {k: (v.float() if v.is_floating_point() and not k.endswith((".scale", ".zero")) and k not in keep else v)
+             for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [k for k in missing if not _is_tied(model, k)]

@@ -1,0 +1,256 @@
+"""The one training loop (OneBit distillation, MatQuant QAT, ...): Adam, linear warm-up then cosine
+decay, gradient clipping, a progress bar with the loss and its named parts, tokens/s and ETA, and
+resumable checkpoints.
+
+    result = train(student, batches, loss_fn, steps=1000, lr=4e-4, warmup=50, ckpt_dir="runs/x")
+
+- `batches`: a function step -> batch (e.g. `data.Batches`) or a sequence indexed by step mod its length.
+  A batch is a (B, T) tensor of token ids, or a dict/tuple holding one (tokens are counted from it).
+- `loss_fn(student, batch)`: a scalar tensor, or a dict with "loss" plus any named parts to display and
+  log (e.g. {"loss", "kd", "hidden"} or one entry per precision).
+- `params`: what to optimize (default: every student parameter with requires_grad).
+- Checkpoints (`ckpt_dir/train_state.pt`, written to a temporary file and renamed, so an interruption
+  never leaves a torn file): the trained parameters, Adam's state, the scheduler, the step, the loss
+  history and every RNG state. With `resume=True` a run restarted from the same initial model continues
+  where the checkpoint left off and ends bit-identical to an uninterrupted run (the data is a function of
+  the step). Ctrl-C saves the last completed step before stopping.
+- CPU or CUDA: batches go to the device of the student's parameters.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import BitnestError
+
+STATE_FILE = "train_state.pt"
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainResult:
+    steps: int  # steps completed (== the `steps` asked for unless interrupted)
+    tokens: int  # training tokens seen by the student, over all steps including resumed ones
+    seconds: float  # wall time of all sessions of this run
+    history: list[dict] = field(default_factory=list)  # one record per step: step, loss, parts, lr, grad_norm
+    resumed_from: int = 0  # the step a checkpoint restored (0: a fresh start)
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+
+def lr_lambda(step: int, *, steps: int, warmup: int, schedule: str = "cosine", min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based): linear warm-up over `warmup` steps
+    (1/warmup, 2/warmup, ..., 1), then cosine (or linear) decay to `min_ratio` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, steps - warmup)
+    t = min(1.0, (step - warmup) / span)
+    decay = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else 1 - t
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def _tokens(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, dict):
+        return _tokens(batch.get("input_ids", next(iter(batch.values()))))
+    if isinstance(batch, (tuple, list)) and batch:
+        return _tokens(batch[0])
+    return 0
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if isinstance(out, torch.Tensor):
+        return out, {}
+    if isinstance(out, dict) and "loss" in out:
+        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
+    raise BitnestError("loss_fn must return a scalar tensor or a dict with a 'loss' entry")
+
+
+def _scalar(v) -> float:
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": (kind, keys.tolist(), pos, has_gauss, cached)}
+
+
+def _set_rng_state(s: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    random.setstate(s["python"])
+    kind, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _to_tuples(x):
+    """torch.load(weights_only) gives lists where Python's random state needs tuples."""
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _named(student: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> list[str]:
+    names = {id(p): n for n, p in student.named_parameters(remove_duplicate=False)}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise BitnestError(f"{len(missing)} of the parameters to train do not belong to the student model")
+    return [names[id(p)] for p in params]
+
+
+def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence, loss_fn: Callable, *,
+          steps: int, lr: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8,
+          weight_decay: float = 0.0, warmup: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.0,
+          clip: float | None = 1.0, params: Sequence[torch.nn.Parameter] | None = None,
+          ckpt_dir: str | os.PathLike | None = None, ckpt_every: int = 100, resume: bool = True,
+          progress: bool = True, desc: str = "train", log_fn: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train `params` of `student` for `steps` optimizer steps on loss_fn(student, batches(step)).
+
+    Returns a TrainResult (history of every step, tokens, seconds). The student is left in the mode it
+    was in (train/eval); gradients are enabled inside even when the caller runs under torch.no_grad()."""
+    if steps < 0 or lr <= 0:
+        raise BitnestError(f"need steps ≥ 0 and lr > 0, got steps={steps}, lr={lr}")
+    if schedule not in SCHEDULES:
+        raise BitnestError(f"unknown LR schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not 0 <= warmup <= max(steps, 0):
+        raise BitnestError(f"warm-up ({warmup}) must be between 0 and the number of steps ({steps})")
+    if ckpt_every < 1:
+        raise BitnestError(f"ckpt_every must be at least 1, got {ckpt_every}")
+    params = [p for p in student.parameters() if p.requires_grad] if params is None else list(params)
+    if not params:
+        raise BitnestError("nothing to train: no parameter requires grad")
+    names = _named(student, params)
+    batch_at = batches if callable(batches) else (lambda s: batches[s % len(batches)])
+    device = params[0].device
+
+    opt = torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, steps=steps, warmup=warmup, schedule=schedule, min_ratio=min_lr_ratio))
+    meta = {"steps": steps, "lr": lr, "betas": list(betas), "warmup": warmup, "schedule": schedule,
+            "names": names, "shapes": [list(p.shape) for p in params]}
+
+    ckpt = Path(ckpt_dir) / STATE_FILE if ckpt_dir is not None else None
+    step, tokens, seconds, history, resumed_from = 0, 0, 0.0, [], 0
+    if ckpt is not None and resume and ckpt.is_file():
+        step, tokens, seconds, history = _restore(ckpt, meta, params, opt, sched, device)
+        resumed_from = step
+
+    def state() -> dict:
+        return {"step": step, "tokens": tokens, "seconds": seconds + (time.perf_counter() - t0), "history": history,
+                "params": {n: p.detach().cpu().clone() for n, p in zip(names, params)},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(), "meta": meta}
+
+    was_training = student.training
+    student.train()
+    t0 = time.perf_counter()
+    session_tokens = 0
+    updating = False
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.enable_grad():
+            while step < steps:
+                batch = _to(batch_at(step), device)
+                loss, parts = _split_loss(loss_fn(student, batch))
+                if not torch.isfinite(loss):
+                    raise BitnestError(f"the training loss is {loss.item()} at step {step + 1}; lower the learning "
+                                       "rate or check the data")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                updating = True
+                gnorm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip else
+                         torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                cur_lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                step += 1
+                n_tok = _tokens(batch)
+                tokens += n_tok
+                session_tokens += n_tok
+                rec = {"step": step, "loss": loss.item(), **{k: _scalar(v) for k, v in parts.items()},
+                       "lr": cur_lr, "grad_norm": float(gnorm), "tokens": tokens}
+                history.append(rec)
+                updating = False  # parameters, optimizer, counters and history agree again: safe to save
+                if ckpt is not None and (step % ckpt_every == 0 or step == steps):
+                    _save_state(ckpt, state())
+                if log_fn is not None:
+                    log_fn(rec)
+                el = time.perf_counter() - t0
+                bar.set_postfix({"loss": f"{rec['loss']:.4g}", **{k: f"{rec[k]:.4g}" for k in parts},
+                                 "lr": f"{cur_lr:.2e}", "tok/s": f"{session_tokens / max(el, 1e-9):,.0f}"}, refresh=False)
+                bar.update(1)
+    except KeyboardInterrupt:
+        if ckpt is not None and not updating and step > resumed_from:
+            _save_state(ckpt, state())
+            bar.write(f"interrupted: saved step {step} to {ckpt}; run again to resume")
+        raise
+    finally:
+        bar.close()
+        student.train(was_training)
+        opt.zero_grad(set_to_none=True)
+    return TrainResult(step, tokens, seconds + time.perf_counter() - t0, history, resumed_from)
+
+
+def _restore(ckpt: Path, meta: dict, params, opt, sched, device) -> tuple[int, int, float, list]:
+    try:
+        s = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BitnestError(f"cannot read the training checkpoint {ckpt} ({str(e).splitlines()[0][:200]}); "
+                           "delete it to start over") from None
+    old = s["meta"]
+    if old["names"] != meta["names"] or old["shapes"] != meta["shapes"]:
+        raise BitnestError(f"the training checkpoint {ckpt} belongs to a different model or method (its trained "
+                           "parameters differ); use another checkpoint directory or delete it")
+    changed = [k for k in ("steps", "lr", "betas", "warmup", "schedule") if old[k] != meta[k]]
+    if changed:
+        raise BitnestError(f"the training checkpoint {ckpt} was made with different {', '.join(changed)} "
+                           f"({', '.join(f'{k}={old[k]}' for k in changed)}); resuming would not reproduce that run. "
+                           "Use the same settings, another checkpoint directory, or delete it")
+    with torch.no_grad():
+        for n, p in zip(meta["names"], params):
+            p.copy_(s["params"][n].to(device))
+    opt.load_state_dict(s["optimizer"])
+    sched.load_state_dict(s["scheduler"])
+    rng = dict(s["rng"])
+    rng["python"] = _to_tuples(rng["python"])
+    _set_rng_state(rng)
+    return s["step"], s["tokens"], s["seconds"], list(s["history"])
