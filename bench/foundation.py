@@ -1,0 +1,186 @@
+"""Foundation benchmark: FP, bitnest RTN and sliced int8, and peer libraries' RTN at the same settings.
+
+python bench/foundation.py [--models ref-10m,stories260K] [--limit N] [--no-peers] [--no-write]
+
+Every row is evaluated by the same bitnest evaluator (non-overlapping windows at the model's training
+context) on the full WikiText-2 raw test and C4 held-out rows 1800-1999 unless --limit is given.
+Peers: HQQ with optimize=False is plain MinMax RTN (float zero, like bitnest) — the like-for-like check;
+HQQ with its default half-quadratic optimizer, torchao IntxWeightOnly (asymmetric, integer zero point) and
+optimum-quanto (its qint8/qint4/qint2 defaults) run side by side. Peer bits per weight count the tensors
+the peer actually stores (torchao's CPU layout keeps one int8 per weight).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from common import MODELS, Timer, eval_row, fmt_table, header, load, write_json, write_section  # noqa: E402
+
+BITS = (8, 6, 4, 3, 2)
+SLICES = (6, 4, 3, 2)
+
+
+def block_linears(model):
+    from bitnest.models.blocks import select_linears
+    return select_linears(model, "all")
+
+
+def _inner_bytes(t: torch.Tensor) -> int:
+    """Bytes a (possibly subclassed) tensor stores: recurse through __tensor_flatten__."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter or not hasattr(t, "__tensor_flatten__"):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(_inner_bytes(getattr(t, n)) for n in names)
+
+
+def peer_bits(model, names, storage, quant_bytes: dict[str, int]) -> tuple[float, int]:
+    """(bits per quantized weight, whole-model bytes) from the peer's stored tensors."""
+    nw = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
+    qb = sum(quant_bytes.values())
+    inside = {id(model.get_submodule(n).weight) for n in names}
+    seen, other = set(), 0
+    for p in model.parameters():
+        if id(p) in inside or id(p) in seen:
+            continue
+        seen.add(id(p))
+        other += p.numel() * torch.finfo(storage).bits // 8
+    return qb * 8 / nw, qb + other
+
+
+def hqq_quantize(model, names, bits, group, optimize):
+    from hqq.core.quantize import Quantizer
+    qbytes = {}
+    for n in names:
+        lin = model.get_submodule(n)
+        W = lin.weight.data  # (out, in)
+        g = group or W.shape[1]
+        Wq, meta = Quantizer.quantize(W, nbits=bits, channel_wise=True, group_size=g, optimize=optimize,
+                                      round_zero=False, axis=1, bitpack=True, compute_dtype=torch.float32, device="cpu")
+        lin.weight.data = Quantizer.dequantize(Wq, meta).reshape(W.shape).to(W.dtype)
+        # HQQ keeps scale and zero per group in the compute dtype; count them at 16 bits as it ships them
+        qbytes[n] = Wq.numel() * Wq.element_size() + 2 * meta["scale"].numel() * 2
+    return qbytes
+
+
+def torchao_quantize(model, names, bits, group):
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+    cfg = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group) if group else PerAxis(0),
+                               mapping_type=MappingType.ASYMMETRIC)
+    wanted = set(names)
+    quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn in wanted)
+    return {n: _inner_bytes(model.get_submodule(n).weight) for n in names}
+
+
+def quanto_quantize(model, names, bits):
+    from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+    qt = {8: qint8, 4: qint4, 2: qint2}[bits]
+    quantize(model, weights=qt, include=list(names))
+    freeze(model)
+    return {n: _inner_bytes(model.get_submodule(n).weight) for n in names}
+
+
+def rows_for(name: str, args) -> list[dict]:
+    from bitnest.api import quantize
+    from bitnest.eval.bits import bits_report
+    from bitnest.nn.qlinear import QuantLinear
+
+    loaded, ctx = load(name, args.data_dir)
+    fp, tok, storage = loaded.model, loaded.tokenizer, loaded.storage_dtype
+    names = block_linears(fp)
+    in_dims = {fp.get_submodule(n).in_features for n in names}
+    groups = [None] + [g for g in (128,) if all(d % g == 0 for d in in_dims)]
+    rows = []
+
+    def add(library, method, bits, group, model, seconds, bpw_bytes=None):
+        r = eval_row(model, tok, ctx, data_dir=args.data_dir, limit=args.limit, storage=storage)
+        if bpw_bytes is not None:
+            r["bits_per_weight"], r["model_bytes"] = bpw_bytes
+        row = {"model": name, "library": library, "method": method, "bits": bits,
+               "group_size": group if group else ("channel" if bits < 16 else None), "ctx": ctx, "seconds": seconds, **r}
+        rows.append(row)
+        print(f"  {library:<14}{method:<12}{bits:>3} {str(row['group_size']):>8}  wiki {r['ppl_wikitext2']:>9.2f}  "
+              f"c4 {r['ppl_c4']:>9.2f}  bpw {r['bits_per_weight']:.3f}  {r['model_bytes'] / 2**20:.2f} MiB", flush=True)
+
+    print(f"{name}: ctx {ctx}, {len(names)} linears, groups {groups}", flush=True)
+    add("-", "fp", 16 if storage != torch.float32 else 32, None, fp, 0.0)
+    for g in groups:
+        for b in BITS:
+            with Timer() as t:
+                m = quantize(copy.deepcopy(fp), "rtn", bits=b, group_size=g, progress=False)
+            add("bitnest", "rtn", b, g, m, t.seconds)
+        with Timer() as t:
+            m = quantize(copy.deepcopy(fp), "sliced", bits=8, group_size=g, progress=False)
+        for r_ in SLICES:
+            for q in m.modules():
+                if isinstance(q, QuantLinear):
+                    q.serve_bits = r_  # the same int8 codes served at r bits
+            add("bitnest", "sliced_int8", r_, g, m, t.seconds)
+    if args.no_peers:
+        return rows
+    for g in groups:
+        for b in BITS:
+            for library, opt in (("hqq", False), ("hqq", True)):
+                if opt and b > 4:
+                    continue  # HQQ's optimizer matters at low bits; 8/6-bit rows would repeat RTN
+                m = copy.deepcopy(fp)
+                with Timer() as t:
+                    qb = hqq_quantize(m, names, b, g, opt)
+                add(library, "hqq_opt" if opt else "rtn", b, g, m, t.seconds, peer_bits(m, names, storage, qb))
+            m = copy.deepcopy(fp)
+            with Timer() as t:
+                qb = torchao_quantize(m, names, b, g)
+            add("torchao", "rtn_intx", b, g, m, t.seconds, peer_bits(m, names, storage, qb))
+    for b in (8, 4, 2):
+        m = copy.deepcopy(fp)
+        with Timer() as t:
+            qb = quanto_quantize(m, names, b)
+        add("optimum-quanto", "rtn", b, 128 if b < 8 else None, m, t.seconds, peer_bits(m, names, storage, qb))
+    return rows
+
+
+COLS = [("model", "model", ""), ("library", "library", ""), ("method", "method", ""), ("bits", "bits", ""),
+        ("group_size", "group", ""), ("bits_per_weight", "bits/weight", ".3f"), ("model_bytes_mib", "MiB", ".2f"),
+        ("ppl_wikitext2", "WikiText-2 PPL", ".2f"), ("ppl_c4", "C4 held-out PPL", ".2f"), ("seconds", "quant s", ".2f")]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--data-dir")
+    ap.add_argument("--limit", type=int, help="windows per dataset (default: all)")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results/ alone")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    rows = []
+    for name in args.models.split(","):
+        rows += rows_for(name, args)
+    for r in rows:
+        r["model_bytes_mib"] = r["model_bytes"] / 2**20
+    table = fmt_table(rows, COLS)
+    print("\n" + table)
+    if not args.no_write:
+        write_json("foundation.json", rows)
+        note = ("RTN = MinMax round-to-nearest, asymmetric, all Linear layers of the decoder blocks; embeddings and "
+                "lm_head unquantized. `sliced_int8` = bitnest RTN int8, served at r bits by MatQuant slicing of the "
+                "same codes (no training). bits/weight counts every stored bit (codes, scales, zeros) per quantized "
+                "weight; MiB is the whole model with unquantized tensors at the model's storage dtype. "
+                f"Evaluation: {'first %d windows' % args.limit if args.limit else 'all windows'} of WikiText-2 raw "
+                "test and C4 rows 1800-1999; stories260K is a TinyStories model, so both texts are out of domain "
+                "for it, and its widths (64, 172) admit no group of 128.")
+        write_section("foundation", header("Foundation: RTN and sliced int8 vs peers", note) + "\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

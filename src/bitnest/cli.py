@@ -1,0 +1,157 @@
+"""`bitnest` command line: quantize | eval | slice | info | demo.
+
+Every user error ends as one line on stderr (`bitnest: error: ...`) and exit status 2; nothing is left
+half-written (checkpoints are written to a temporary directory and renamed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise SystemExit(_fail(f"{self.prog}: {message} (see --help)"))
+
+
+def _fail(msg: str) -> int:
+    print(f"bitnest: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def group_size(s: str) -> int | None:
+    if s in ("channel", "none", "None"):
+        return None
+    if s in ("tensor", "-1"):
+        return -1
+    try:
+        g = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be 'channel', 'tensor' or a positive integer, got {s!r}")
+    if g <= 0:
+        raise argparse.ArgumentTypeError(f"group size must be positive, got {g}")
+    return g
+
+
+def bits_arg(s: str):
+    """--bits: one width (4) or, for matquant, the precisions trained together (8,4,2)."""
+    try:
+        parts = [int(p) for p in s.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer or a comma-separated list like 8,4,2, got {s!r}")
+    if not parts:
+        raise argparse.ArgumentTypeError(f"bits must be an integer or a comma-separated list like 8,4,2, got {s!r}")
+    return parts[0] if len(parts) == 1 and "," not in s else tuple(parts)
+
+
+def targets(s: str):
+    parts = [p.strip() for p in s.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _model_arg(args) -> str:
+    from .paths import default_model
+    return args.model or str(default_model(args.data_dir))
+
+
+def _add_common(p, model_required=False):
+    p.add_argument("--model", required=model_required, help="HF model directory, hub id, llama2.c .bin or bitnest checkpoint (default: ref-10m from the data dir)")
+    p.add_argument("--data-dir", help="directory holding data/ and models/ (default: $BITNEST_DATA_DIR or ../shared beside the checkout)")
+    p.add_argument("--allow-pickle", action="store_true", help="also load pickle (.bin) weights — only for files you trust")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="bitnest", description="Quantize Hugging Face causal LMs and measure what it cost.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a packed checkpoint")
+    _add_common(q)
+    q.add_argument("--method", default="rtn")
+    q.add_argument("--bits", type=bits_arg, help="bits per weight (default 4; sliced: the width served, the checkpoint keeps int8; "
+                   "matquant: the precisions R trained together, e.g. 8,4,2)")
+    q.add_argument("--group-size", type=group_size, default=None, help="'channel' (default), 'tensor' or N inputs per group")
+    q.add_argument("--symmetric", action="store_true")
+    q.add_argument("--targets", type=targets, default=None, help="all (default; matquant: ffn) | ffn | attn | comma-separated globs over module names")
+    q.add_argument("--flavour", choices=("qat", "omniquant"), help="matquant: end-to-end QAT (default) or block-wise OmniQuant")
+    q.add_argument("--lambdas", help="matquant: loss weight per precision, in the order of --bits (default 0.1,...,0.1,1)")
+    q.add_argument("--codistill", help="matquant: co-distillation in the paper's notation, e.g. \"[8,4,2,8→2]\" or \"[8,4,2,8->4;2]\"")
+    q.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any field of the method's config, e.g. -o steps=200 -o init=svd (see `bitnest methods`)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--max-shard-size", default="2GB")
+
+    e = sub.add_parser("eval", help="perplexity, KL/top-1 vs the FP model, bits per weight, bytes")
+    _add_common(e)
+    e.add_argument("--bits", type=int, help="serve a Matryoshka checkpoint at this many bits")
+    e.add_argument("--data", default="wikitext2", help="wikitext2 | c4 (held-out rows 1800-1999) | a .txt/.jsonl file")
+    e.add_argument("--ctx", type=int, help="window length (default: min(2048, max positions); ref-10m was trained at 256)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N windows")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--teacher", help="FP model for KL/top-1 (default: the checkpoint's source model; 'none' to skip)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("methods", help="list the registered methods and their options")
+
+    s = sub.add_parser("slice", help="write a standalone r-bit checkpoint from a Matryoshka checkpoint")
+    _add_common(s, model_required=True)
+    s.add_argument("--bits", type=int, help="one width for every nested layer")
+    s.add_argument("--budget", type=float, help="Mix'n'Match: bits per FFN weight (every stored bit); per-layer widths "
+                   "by a greedy search on calibration text, or by --strategy")
+    s.add_argument("--strategy", choices=("pyramid", "reverse_pyramid", "increasing", "decreasing"),
+                   help="Mix'n'Match: the paper's layer-wise strategy (with --budget; widths 8/4/2)")
+    s.add_argument("--levels", default="8,6,4,3,2", help="widths the --budget search may use (default 8,6,4,3,2)")
+    s.add_argument("--calib-samples", type=int, default=8, help="--budget search: C4 training sequences of 256 tokens (default 8)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+
+    i = sub.add_parser("info", help="what a checkpoint holds: method, bits, per-layer bits, size")
+    _add_common(i, model_required=True)
+    i.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo", help="quantize the default model at several precisions and print the table")
+    _add_common(d)
+    d.add_argument("--out", default="runs/demo", help="where the Matryoshka checkpoint is saved")
+    d.add_argument("--ctx", type=int, default=256)
+    d.add_argument("--limit", type=int, default=None, help="windows per dataset (default: C4 held-out whole, WikiText-2 first 200)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        _quiet_libraries()
+        from . import commands
+        return getattr(commands, f"cmd_{args.cmd}")(args) or 0
+    except KeyboardInterrupt:
+        print("bitnest: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — the CLI's contract: one line, never a traceback
+        from .errors import BitnestError
+        if os.environ.get("BITNEST_DEBUG"):
+            raise
+        if isinstance(e, BitnestError):
+            return _fail(str(e))
+        first = (str(e).splitlines() or [""])[0][:300]
+        print(f"bitnest: internal error: {type(e).__name__}: {first} (set BITNEST_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

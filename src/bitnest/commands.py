@@ -1,0 +1,219 @@
+"""The CLI's subcommands. Each takes the parsed args and returns an exit status."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .api import quantization_config, quantize
+from .errors import BitnestError
+from .eval.bits import bits_report
+from .formats.checkpoint import save_quantized
+from .models.hf import load_model
+
+
+def _load(args, bits=None):
+    return load_model(args.model if getattr(args, "model", None) else _default(args), bits=bits,
+                      allow_pickle=args.allow_pickle)
+
+
+def _default(args) -> str:
+    from .paths import default_model
+    return str(default_model(args.data_dir))
+
+
+def cmd_quantize(args) -> int:
+    from .api import make_config
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # fail before the work, not after
+        raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+    opts = dict(group_size=args.group_size, symmetric=args.symmetric)
+    if args.targets is not None:
+        opts["targets"] = args.targets
+    if args.bits is not None:
+        if args.method == "matquant":  # --bits 8,4,2: the precisions trained together
+            opts["precisions"] = args.bits if isinstance(args.bits, tuple) else (args.bits,)
+        elif isinstance(args.bits, tuple):
+            raise BitnestError(f"--bits {','.join(map(str, args.bits))}: a list of precisions is for --method matquant; "
+                               f"{args.method} takes one width")
+        else:
+            opts["bits"] = args.bits
+    for flag in ("flavour", "lambdas", "codistill"):
+        if getattr(args, flag, None) is not None:
+            if args.method != "matquant":
+                raise BitnestError(f"--{flag} is a matquant option (got --method {args.method})")
+            opts[flag] = getattr(args, flag)
+    config = make_config(args.method, **{**opts, **parse_options(args.method, args.option)})
+    loaded = _load(args)
+    if loaded.quantization_config is not None:
+        raise BitnestError(f"{loaded.source} is already quantized; quantize the full-precision model")
+    quantize(loaded.model, args.method, config, progress=not args.no_progress)
+    save_quantized(loaded.model, loaded.tokenizer, out, quantization_config(args.method, config, loaded.source),
+                   storage_dtype=loaded.storage_dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    rep = bits_report(loaded.model, loaded.storage_dtype)
+    print(f"wrote {out}: {args.method} {config.bits}-bit {_granularity(config.group_size)}, "
+          f"{rep.bits_per_weight:.3f} bits/weight, {rep.model_bytes / 2**20:.2f} MiB")
+    return 0
+
+
+def parse_options(method: str, pairs: list[str]) -> dict:
+    """KEY=VALUE strings → typed config fields, typed after the field's default (int, float, bool, tuple, str)."""
+    from dataclasses import MISSING, fields
+
+    from .methods import get_method
+
+    flds = {f.name: f for f in fields(get_method(method).config_cls)}
+    out = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in flds:
+            raise BitnestError(f"bad option {pair!r} for {method}: expected KEY=VALUE with KEY one of {', '.join(sorted(flds))}")
+        f = flds[key]
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+        out[key] = _typed(raw, default, pair)
+    return out
+
+
+def _typed(raw: str, default, pair: str):
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, tuple):
+            items = [x for x in raw.split(",") if x]
+            kind = type(default[0]) if default else str
+            return tuple(kind(x) for x in items)
+        if default is None and raw.lower() == "none":
+            return None
+        return raw
+    except ValueError:
+        raise BitnestError(f"bad value in option {pair!r}: expected {type(default).__name__}") from None
+
+
+def cmd_methods(args) -> int:
+    from dataclasses import fields
+
+    from .methods import REGISTRY
+
+    for name, m in sorted(REGISTRY.items()):
+        print(f"{name}: " + ", ".join(f"{f.name}={getattr(m.config_cls(), f.name)!r}" for f in fields(m.config_cls)))
+    return 0
+
+
+def _granularity(g) -> str:
+    return "per-channel" if g is None else "per-tensor" if g == -1 else f"group {g}"
+
+
+def _teacher(args, loaded):
+    if args.teacher == "none" or (args.teacher is None and loaded.quantization_config is None):
+        return None
+    src = args.teacher or loaded.quantization_config.get("source_model")
+    if not src or not Path(src).exists():
+        return None  # the checkpoint's source is not on this machine: KL/top-1 are skipped, not faked
+    return load_model(src, allow_pickle=args.allow_pickle).model
+
+
+def cmd_eval(args) -> int:
+    from .eval.report import evaluate
+
+    loaded = _load(args, bits=args.bits)
+    res = evaluate(loaded.model, loaded.tokenizer, args.data, data_dir=args.data_dir, ctx=args.ctx,
+                   limit=args.limit, batch_size=args.batch_size, teacher=_teacher(args, loaded),
+                   storage_dtype=loaded.storage_dtype, progress=not args.no_progress)
+    res["model"] = loaded.source
+    res["bits"] = args.bits
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    lim = f" (first {res['windows']} windows only: --limit)" if res["limited"] else ""
+    print(f"{loaded.source} on {args.data}: ppl {res['ppl']:.3f}  nll {res['nll']:.4f}  tokens {res['tokens']}"
+          f"  ctx {res['ctx']}{lim}")
+    print(f"bits/weight {res['bits_per_weight']:.3f}  model {res['model_bytes'] / 2**20:.2f} MiB"
+          + (f"  KL {res['kl']:.4f}  top-1 {res['top1']:.4f}" if "kl" in res else ""))
+    return 0
+
+
+def cmd_slice(args) -> int:
+    from .nn.qlinear import QuantLinear
+    from .grids.nested import slice_codes
+    from .formats.packing import unpack
+    from .models.blocks import replace_module
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+    budget, strategy = getattr(args, "budget", None), getattr(args, "strategy", None)
+    if (args.bits is None) == (budget is None):
+        raise BitnestError("pass either --bits R (one width) or --budget B (Mix'n'Match per-layer widths)")
+    if strategy and budget is None:
+        raise BitnestError("--strategy needs --budget (bits per FFN weight)")
+    loaded = load_model(args.model, bits=args.bits, allow_pickle=args.allow_pickle)
+    mix = None
+    if budget is not None:
+        from .mixnmatch import choose_mix, mix_summary
+        mix = choose_mix(loaded, budget, strategy=strategy, levels=args.levels, calib_samples=args.calib_samples,
+                         data_dir=args.data_dir, progress=not args.no_progress)
+    for name, m in list(loaded.model.named_modules()):
+        if isinstance(m, QuantLinear) and m.serve_bits != m.bits:
+            t = slice_codes(unpack(m.qweight, m.bits, m.in_features), m.bits, m.serve_bits)  # (out, in) r-bit codes
+            replace_module(loaded.model, name, QuantLinear.from_codes(
+                t, m.scale, m.zero, bits=m.serve_bits, group_size=m.group_size, symmetric=m.symmetric,
+                parent_bits=m.parent_bits, serve_bits=m.serve_bits, bias=m.bias))
+        elif hasattr(m, "to_standalone"):  # Extra Precision MatQuant: r-bit codes + the extra bucket's index list
+            replace_module(loaded.model, name, m.to_standalone())
+    qc = {k: v for k, v in loaded.quantization_config.items() if k not in ("modules", "quant_method", "format_version", "storage_dtype")}
+    qc.update(nested=False, sliced_from=str(args.model), sliced_bits=args.bits if mix is None else mix)
+    save_quantized(loaded.model, loaded.tokenizer, out, qc, storage_dtype=loaded.storage_dtype, overwrite=args.overwrite)
+    if mix is None:
+        print(f"wrote {out}: {args.bits}-bit slice of {args.model} ({_dir_bytes(out) / 2**20:.2f} MiB on disk)")
+    else:
+        from .models.blocks import is_ffn
+        ffn = [n for n in mix if is_ffn(n)]
+        rep = bits_report(loaded.model, loaded.storage_dtype, only=ffn)
+        print(f"wrote {out}: Mix'n'Match ({strategy or 'greedy search'}) of {args.model}, "
+              f"{rep.bits_per_weight:.3f} bits per FFN weight (budget {budget}); per block: {mix_summary(mix)} "
+              f"({_dir_bytes(out) / 2**20:.2f} MiB on disk)")
+    return 0
+
+
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.glob("*.safetensors"))
+
+
+def cmd_info(args) -> int:
+    loaded = load_model(args.model, allow_pickle=args.allow_pickle, check=False)
+    qc = loaded.quantization_config
+    rep = bits_report(loaded.model, loaded.storage_dtype)
+    info = {"model": loaded.source, "quantized": qc is not None,
+            "method": qc and qc.get("method"), "config": qc and qc.get("config"), "nested": bool(qc and qc.get("nested")),
+            "bits_per_weight": rep.bits_per_weight, "quantized_weights": rep.quantized_weights,
+            "model_bytes": rep.model_bytes, "file_bytes": _dir_bytes(Path(args.model)) if Path(args.model).is_dir() else None,
+            "layers": {n: {"bits": lc["serve_bits"], "stored_bits": lc["bits"], "group_size": lc["group_size"]}
+                       for n, lc in (qc or {}).get("modules", {}).items()}}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    if qc is None:
+        print(f"{loaded.source}: full precision ({loaded.storage_dtype}), {rep.model_bytes / 2**20:.2f} MiB")
+        return 0
+    print(f"{loaded.source}: bitnest {qc['method']}{' (Matryoshka: servable at any r ≤ stored bits)' if info['nested'] else ''}")
+    print(f"  config: {json.dumps(qc.get('config'))}")
+    print(f"  {rep.bits_per_weight:.3f} bits/weight over {rep.quantized_weights:,} quantized weights; "
+          f"model {rep.model_bytes / 2**20:.2f} MiB; files {info['file_bytes'] / 2**20:.2f} MiB")
+    print("  layer                                    bits  stored  group")
+    for n, lc in info["layers"].items():
+        print(f"  {n:<40} {lc['bits']:>4}  {lc['stored_bits']:>6}  {_granularity(lc['group_size'])}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args)
