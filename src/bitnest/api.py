@@ -42,7 +42,8 @@ def quantize(model: torch.nn.Module, method: str = "rtn", config: QuantConfig | 
 
 
 def quantization_config(method: str, config: QuantConfig, source: str) -> dict:
-    return {"method": method, "config": config.to_dict(), "nested": method in NESTED_METHODS, "source_model": source}
+    nested = method in NESTED_METHODS or bool(getattr(config, "nested", False))  # e.g. GPTQ on the int8 grid
+    return {"method": method, "config": config.to_dict(), "nested": nested, "source_model": source}
 
 
 NESTED_METHODS = {"sliced", "matquant"}

@@ -19,14 +19,13 @@ from .paths import default_model
 
 RTN_BITS = (8, 4, 3, 2)
 SLICE_BITS = (8, 6, 4, 3, 2)
-WIKI_WINDOWS = 200
 
 
 def _row(label, model, tok, fp, args, storage):
-    ev = lambda data, limit: evaluate(model, tok, data, data_dir=args.data_dir, ctx=args.ctx, limit=limit,
-                                      teacher=fp, storage_dtype=storage, progress=not args.no_progress)
-    c4 = ev("c4", args.limit)
-    wiki = ev("wikitext2", args.limit or WIKI_WINDOWS)
+    ev = lambda data, teacher: evaluate(model, tok, data, data_dir=args.data_dir, ctx=args.ctx, limit=args.limit,
+                                        teacher=teacher, storage_dtype=storage, progress=not args.no_progress)
+    c4 = ev("c4", fp)  # KL / top-1 against the FP model on the in-domain text
+    wiki = ev("wikitext2", None)
     return {"label": label, "bits_per_weight": c4["bits_per_weight"], "model_bytes": c4["model_bytes"],
             "ppl_c4": c4["ppl"], "ppl_wikitext2": wiki["ppl"], "kl": c4.get("kl"), "top1": c4.get("top1"),
             "c4_tokens": c4["tokens"], "wiki_tokens": wiki["tokens"]}
@@ -50,8 +49,8 @@ def run_demo(args) -> int:
     loaded = load_model(src)
     fp, tok, storage = loaded.model, loaded.tokenizer, loaded.storage_dtype
     print(f"bitnest demo: {src} ({sum(p.numel() for p in fp.parameters()):,} params), ctx {args.ctx}; "
-          f"C4 held-out rows 1800-1999 {'all windows' if not args.limit else f'first {args.limit} windows'}, "
-          f"WikiText-2 test first {args.limit or WIKI_WINDOWS} windows")
+          f"first {args.limit} windows of C4 held-out (rows 1800-1999) and of WikiText-2 test "
+          f"(bitnest eval evaluates whole texts)")
     rows = [_row(f"FP ({str(storage).replace('torch.', '')})", fp, tok, None, args, storage)]
     for b in RTN_BITS:
         m = quantize(copy.deepcopy(fp), "rtn", bits=b, progress=False)

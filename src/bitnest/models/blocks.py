@@ -14,10 +14,11 @@ PRESETS = ("all", "ffn", "attn")
 
 
 def get_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(prefix, blocks): the decoder-block ModuleList — the longest ModuleList whose items hold Linears."""
+    """(prefix, blocks): the decoder-block ModuleList — the longest ModuleList whose items hold Linears
+    (or packed layers, which all carry in_features/out_features, so a quantized model is found too)."""
     best = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+        if isinstance(mod, nn.ModuleList) and len(mod) and any(hasattr(m, "in_features") for m in mod[0].modules()):
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
