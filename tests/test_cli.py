@@ -97,3 +97,22 @@ def test_entry_point_no_traceback(tmp_path):
     assert p.returncode == 2
     lines = [l for l in p.stderr.splitlines() if l.startswith("bitnest")]
     assert len(lines) == 1 and "Traceback" not in p.stderr
+
+
+def test_options_are_typed_and_checked(capsys, tiny_llama_dir, tmp_path):
+    from bitnest.commands import parse_options
+    assert parse_options("sliced", ["parent_bits=6"]) == {"parent_bits": 6}
+    assert parse_options("gptq", ["act_order=false", "percdamp=0.05"]) == {"act_order": False, "percdamp": 0.05}
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "o"),
+                       "-o", "nonsense=1", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "nonsense" in err
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "o"),
+                       "--method", "sliced", "-o", "parent_bits=x", "--no-progress")
+    assert code == 2 and "expected int" in err and not (tmp_path / "o").exists()
+
+
+def test_unset_options_keep_method_defaults(capsys, tiny_llama_dir, tmp_path):
+    code, _, _ = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--method", "nf", "--bits", "4",
+                     "--out", str(tmp_path / "nf"), "--no-progress")
+    cfg = json.loads((tmp_path / "nf" / "config.json").read_text())["quantization_config"]["config"]
+    assert code == 0 and cfg["group_size"] == 64  # nf's own default, not per-channel

@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rtn")
     q.add_argument("--bits", type=bits_arg, help="bits per weight (default 4; sliced: the width served, the checkpoint keeps int8; "
                    "matquant: the precisions R trained together, e.g. 8,4,2)")
-    q.add_argument("--group-size", type=group_size, default=None, help="'channel' (default), 'tensor' or N inputs per group")
-    q.add_argument("--symmetric", action="store_true")
+    # SUPPRESS: options not given keep the method's own defaults (nf/log: groups of 64, share: per tensor)
+    q.add_argument("--group-size", type=group_size, default=argparse.SUPPRESS,
+                   help="'channel', 'tensor' or N inputs per group (default: the method's, usually per channel)")
+    q.add_argument("--symmetric", action="store_true", default=argparse.SUPPRESS)
     q.add_argument("--targets", type=targets, default=None, help="all (default; matquant: ffn) | ffn | attn | comma-separated globs over module names")
     q.add_argument("--flavour", choices=("qat", "omniquant"), help="matquant: end-to-end QAT (default) or block-wise OmniQuant")
     q.add_argument("--lambdas", help="matquant: loss weight per precision, in the order of --bits (default 0.1,...,0.1,1)")

@@ -29,7 +29,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # fail before the work, not after
         raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
-    opts = dict(group_size=args.group_size, symmetric=args.symmetric)
+    opts = {k: v for k, v in vars(args).items() if k in ("group_size", "symmetric")}  # only when given
     if args.targets is not None:
         opts["targets"] = args.targets
     if args.bits is not None:
