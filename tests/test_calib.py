@@ -11,12 +11,7 @@ from bitnest.models.blocks import get_blocks, replace_module
 from bitnest.nn.qlinear import QuantLinear
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest
 
 
 @pytest.fixture(scope="module")

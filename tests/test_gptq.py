@@ -9,13 +9,7 @@ from bitnest.methods.gptq import AffineGrid, GPTQConfig, gptq, quantize_linear
 from bitnest.nn.qlinear import QuantLinear
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU is shared: one thread is faster than two oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest
 
 
 def correlated(n=2048, d=128, seed=0):

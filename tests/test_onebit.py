@@ -11,12 +11,7 @@ from bitnest.grids.sign import (bits_per_weight, codes_to_sign, nmf, pack_signs,
 from bitnest.nn.onebit import BitNetLinear, OneBitLinear, PackedSignLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest
 
 
 def rank1_abs_matrix(out, inp, seed=0):

@@ -11,13 +11,7 @@ from bitnest.train import (Batches, Distill, frozen_copy, hidden_mse, kd_kl, lr_
 from bitnest.train.loop import STATE_FILE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and far faster than two on a shared, oversubscribed machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest
 
 
 def tiny_llama(seed=0, dropout=0.0, vocab=128):
