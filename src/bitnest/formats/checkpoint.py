@@ -35,7 +35,10 @@ FORMAT_VERSION = 1
 
 # Packed module types other than QuantLinear, by the "kind" key of their layer config (QuantLinear has none).
 MODULE_KINDS = {"onebit": ("bitnest.nn.onebit", "PackedSignLinear"),
-                "codebook": ("bitnest.nn.codebook", "CodebookLinear")}
+                "codebook": ("bitnest.nn.codebook", "CodebookLinear"),
+                "actquant": ("bitnest.nn.actquant", "ActQuantLinear"),
+                "intlinear": ("bitnest.nn.intlinear", "IntLinear"),
+                "matquant_ep": ("bitnest.nn.nested", "ExtraPrecisionLinear")}
 
 
 def _packed_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -71,7 +74,7 @@ def _unique_state(model: torch.nn.Module, storage_dtype: torch.dtype) -> dict[st
     seen, out = set(), {}
     for k, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
+        if t.numel() and key in seen:  # empty tensors share a null pointer without being tied
             continue
         seen.add(key)
         if t.is_floating_point() and k not in packed:
@@ -186,10 +189,15 @@ def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: 
         raise BitnestError(f"could not build the model described by {path}/config.json: {str(e).splitlines()[0]}") from None
     for name, lc in qc["modules"].items():
         lc = dict(lc)
-        if lc.get("kind") is not None:  # a non-QuantLinear packed module (e.g. OneBit): rebuilt as stored
-            replace_module(model, name, _module_class(lc).from_layer_config(lc))
-            continue
         r = next((b for pat, b in (overrides or {}).items() if fnmatch.fnmatchcase(name, pat)), bits)
+        if lc.get("kind") is not None:  # a non-QuantLinear packed module (e.g. OneBit): rebuilt as stored
+            cls = _module_class(lc)
+            if r is not None and getattr(cls, "nested", False):  # a nested kind (Extra Precision MatQuant)
+                if not 1 <= r <= lc["bits"]:
+                    raise BitnestError(f"cannot serve {name} at {r} bits: it stores {lc['bits']}-bit codes (choose 1..{lc['bits']})")
+                lc["serve_bits"] = r
+            replace_module(model, name, cls.from_layer_config(lc))
+            continue
         if r is not None:
             if not 1 <= r <= lc["bits"]:
                 raise BitnestError(f"cannot serve {name} at {r} bits: it stores {lc['bits']}-bit codes (choose 1..{lc['bits']})")
