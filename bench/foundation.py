@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import sys
 
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import MODELS, Timer, eval_row, fmt_table, header, load, write_json, write_section  # noqa: E402
+from common import MODELS, RESULTS, Timer, eval_row, fmt_table, header, load, write_json, write_section  # noqa: E402
 
 BITS = (8, 6, 4, 3, 2)
 SLICES = (6, 4, 3, 2)
@@ -85,11 +87,31 @@ def quanto_quantize(model, names, bits):
     return {n: _inner_bytes(model.get_submodule(n).weight) for n in names}
 
 
+PARTIAL = RESULTS / "foundation.partial.json"
+
+
+def load_partial() -> dict:
+    """Rows of an unfinished earlier run, by (model, library, method, bits, group, limit)."""
+    if not PARTIAL.exists():
+        return {}
+    rows = json.loads(PARTIAL.read_text())
+    return {(r["model"], r["library"], r["method"], r["bits"], r["group_size"], r["limit"]): r for r in rows}
+
+
+def save_partial(row: dict, limit) -> None:
+    rows = list(load_partial().values()) + [{**row, "limit": limit}]
+    PARTIAL.parent.mkdir(parents=True, exist_ok=True)
+    tmp = PARTIAL.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows))
+    os.replace(tmp, PARTIAL)
+
+
 def rows_for(name: str, args) -> list[dict]:
     from bitnest.api import quantize
     from bitnest.eval.bits import bits_report
     from bitnest.nn.qlinear import QuantLinear
 
+    done = load_partial()
     loaded, ctx = load(name, args.data_dir)
     fp, tok, storage = loaded.model, loaded.tokenizer, loaded.storage_dtype
     names = block_linears(fp)
@@ -98,12 +120,17 @@ def rows_for(name: str, args) -> list[dict]:
     rows = []
 
     def add(library, method, bits, group, model, seconds, bpw_bytes=None):
+        key = (name, library, method, bits, group if group else ("channel" if bits < 16 else None), args.limit)
+        if key in done:  # finished by an earlier run that died: keep its row
+            rows.append(done[key])
+            return
         r = eval_row(model, tok, ctx, data_dir=args.data_dir, limit=args.limit, storage=storage)
         if bpw_bytes is not None:
             r["bits_per_weight"], r["model_bytes"] = bpw_bytes
         row = {"model": name, "library": library, "method": method, "bits": bits,
                "group_size": group if group else ("channel" if bits < 16 else None), "ctx": ctx, "seconds": seconds, **r}
         rows.append(row)
+        save_partial(row, args.limit)
         print(f"  {library:<14}{method:<12}{bits:>3} {str(row['group_size']):>8}  wiki {r['ppl_wikitext2']:>9.2f}  "
               f"c4 {r['ppl_c4']:>9.2f}  bpw {r['bits_per_weight']:.3f}  {r['model_bytes'] / 2**20:.2f} MiB", flush=True)
 
@@ -142,7 +169,8 @@ def rows_for(name: str, args) -> list[dict]:
         with Timer() as t:
             qb = quanto_quantize(m, names, b)
         # quanto picks its own granularity (group 128 for int4/int2 when it divides, else per channel)
-        g = int(m.get_submodule(names[0]).weight.__tensor_flatten__()[1].get("group_size") or 0) or None
+        gs = m.get_submodule(names[0]).weight.__tensor_flatten__()[1].get("group_size")
+        g = int(gs) if gs not in (None, "None") else None  # quanto writes a missing group as the string 'None'
         add("optimum-quanto", "rtn", b, g, m, t.seconds, peer_bits(m, names, storage, qb))
     return rows
 
@@ -174,6 +202,7 @@ def main(argv=None) -> int:
     print("\n" + table)
     if not args.no_write:
         write_json("foundation.json", rows)
+        PARTIAL.unlink(missing_ok=True)
         note = ("RTN = MinMax round-to-nearest, asymmetric, all Linear layers of the decoder blocks; embeddings and "
                 "lm_head unquantized. `sliced_int8` = bitnest RTN int8, served at r bits by MatQuant slicing of the "
                 "same codes (no training). bits/weight counts every stored bit (codes, scales, zeros) per quantized "
