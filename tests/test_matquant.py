@@ -19,12 +19,7 @@ from bitnest.nn.nested import ExtraPrecisionLinear, MatQuantLinear, nested_fake_
 from bitnest.nn.qlinear import QuantLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest
 
 
 def tiny_llama(seed=0, vocab=128, layers=2, hidden=32, inter=64, tie=False):

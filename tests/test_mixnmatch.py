@@ -14,12 +14,7 @@ from bitnest.mixnmatch import (apply_mix, layer_groups, mean_nll, mix_summary, p
                                strategy_mix)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest
 
 
 def nested_tiny(layers=4, seed=0):

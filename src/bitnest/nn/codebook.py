@@ -14,6 +14,7 @@ from ..formats.packing import pack, packed_len, unpack
 from ..grids.affine import AffineSpec, grouped
 from ..grids.codebook import TABLE_DTYPE, lookup
 from ..kernels import reference
+from .qlinear import fill
 
 
 class CodebookLinear(nn.Module):
@@ -38,13 +39,7 @@ class CodebookLinear(nn.Module):
         out, inp = codes.shape
         m = cls(inp, out, bits=bits, group_size=group_size, table_shape=tuple(table.shape[:2]), scaled=scale is not None,
                 codebook=codebook, bias=bias is not None, device=codes.device)
-        m.qweight.copy_(pack(codes, bits))
-        m.table.copy_(table)
-        if scale is not None:
-            m.scale.copy_(scale)
-        if bias is not None:
-            m.bias.data.copy_(bias.detach())
-        return m
+        return fill(m, qweight=pack(codes, bits), table=table, scale=scale, bias=bias)
 
     def layer_config(self) -> dict:
         return {"kind": self.kind, "codebook": self.codebook, "bits": self.bits, "serve_bits": self.bits,

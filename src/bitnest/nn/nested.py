@@ -32,6 +32,7 @@ from ..formats.packing import pack, packed_len, unpack
 from ..grids.affine import STORE_DTYPE, AffineSpec, dequantize, fit, grouped, quantize, round_ste, zero_point
 from ..grids.nested import slice_codes, slice_ste
 from ..kernels import reference
+from .qlinear import fill
 
 
 def index_bits(n: int) -> int:
@@ -104,13 +105,7 @@ class ExtraPrecisionLinear(nn.Module):
         out, inp = codes.shape
         m = cls(inp, out, bits=parent_bits, parent_bits=parent_bits, serve_bits=serve_bits, group_size=group_size,
                 symmetric=symmetric, bias=bias is not None, device=codes.device)
-        m.qweight.copy_(pack(codes, parent_bits))
-        m.scale.copy_(scale)
-        if zero is not None:
-            m.zero.copy_(zero)
-        if bias is not None:
-            m.bias.data.copy_(bias.detach())
-        return m
+        return fill(m, qweight=pack(codes, parent_bits), scale=scale, zero=zero, bias=bias)
 
     def layer_config(self) -> dict:
         return {"kind": self.kind, "bits": self.bits, "parent_bits": self.parent_bits, "serve_bits": self.serve_bits,

@@ -17,6 +17,14 @@ from ..grids.affine import AffineSpec, STORE_DTYPE, fit, quantize
 from ..kernels import reference
 
 
+def fill(m: nn.Module, **tensors) -> nn.Module:
+    """Copy each given tensor (None = absent) into the module's buffer or parameter of that name."""
+    for name, t in tensors.items():
+        if t is not None:
+            getattr(m, name).data.copy_(t.detach())
+    return m
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int | None,
                  symmetric: bool, parent_bits: int | None = None, serve_bits: int | None = None,
@@ -50,13 +58,7 @@ class QuantLinear(nn.Module):
         out, inp = codes.shape
         m = cls(inp, out, bits=bits, group_size=group_size, symmetric=symmetric, parent_bits=parent_bits,
                 serve_bits=serve_bits, bias=bias is not None, device=codes.device)
-        m.qweight.copy_(pack(codes, bits))
-        m.scale.copy_(scale)
-        if zero is not None:
-            m.zero.copy_(zero)
-        if bias is not None:
-            m.bias.data.copy_(bias.detach())
-        return m
+        return fill(m, qweight=pack(codes, bits), scale=scale, zero=zero, bias=bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: AffineSpec, serve_bits: int | None = None) -> "QuantLinear":
