@@ -31,7 +31,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 bench-setup: $(VENV)/.bench-installed
 
 bench: bench-setup
-	$(PY) bench/foundation.py
+	$(PY) bench/foundation.py --limit 128
 
 clean:
 	rm -rf $(VENV) runs
