@@ -37,7 +37,7 @@ def _print(rows):
     for r in rows:
         d4 = 100 * (r["ppl_c4"] / fp["ppl_c4"] - 1)
         dw = 100 * (r["ppl_wikitext2"] / fp["ppl_wikitext2"] - 1)
-        kl = "" if r["kl"] is None else f"{r['kl']:.4f}"
+        kl = "" if r["kl"] is None else f"{r['kl']:.4f}" if r["kl"] >= 1e-3 else f"{r['kl']:.1e}"  # int8's KL is ~1e-5
         t1 = "" if r["top1"] is None else f"{r['top1']:.3f}"
         print(f"{r['label']:<28}{r['bits_per_weight']:>7.2f}{r['model_bytes'] / 2**20:>7.2f}{r['ppl_c4']:>9.2f}"
               f"{d4:>+7.1f}{r['ppl_wikitext2']:>10.2f}{dw:>+7.1f}{kl:>8}{t1:>7}")
