@@ -541,10 +541,13 @@ def peer_worker(a) -> int:
 
 
 # ----------------------------------------------------------------------------- GPTQ transcription check
-def fasterquant_reference(W, H, bits, group, *, blocksize=128, percdamp=0.01, actorder=True, static_groups=True):
+def fasterquant_reference(W, H, bits, group, *, blocksize=128, percdamp=0.01, actorder=True, static_groups=True,
+                          grid=None):
     """IST-DASLab/gptq `GPTQ.fasterquant` (gptq.py) with its `Quantizer` (quant.py: asymmetric MinMax,
     perchannel, no MSE search), transcribed line for line; static_groups as in GPTQModel/AutoGPTQ
-    (the group's quantizer fitted on the original W before the loop, which act-order with groups needs)."""
+    (the group's quantizer fitted on the original W before the loop, which act-order with groups needs).
+    `grid` = (groups, quantize) swaps the reference Quantizer for another grid: groups[k] = (scale, zero) of
+    the k-th group of `group` columns, quantize(x, scale, zero) -> dequantized x."""
     W = W.clone().float()
     H = H.clone().float()
     maxq = torch.tensor(2 ** bits - 1)
@@ -563,12 +566,16 @@ def fasterquant_reference(W, H, bits, group, *, blocksize=128, percdamp=0.01, ac
         return scale * (q - zero)
 
     rows, columns = W.shape
+    if grid is not None:
+        static_groups, group = True, group or columns
     scale, zero = find_params(W)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     groups = []
-    if static_groups and group:
+    if grid is not None:
+        groups, quantize = grid
+    elif static_groups and group:
         groups = [find_params(W[:, i:i + group]) for i in range(0, columns, group)]
     if actorder:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -667,35 +674,16 @@ def transcription_check(args, layer="model.layers.3.mlp.down_proj", n_calib=None
 
 def _reference_on_grid(W, H, spec, alpha, z, blocksize=128, percdamp=0.01):
     """The transcription's loop (act-order, static groups) with bitnest's stored grid (α, z per group)."""
-    W, H = W.clone().float(), H.clone().float()
-    columns = W.shape[1]
-    g = spec.group_size or columns
     A, Z = alpha.float(), z.float()  # (out, G)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True)
-    W, H = W[:, perm], H[perm][:, perm]
-    H[range(columns), range(columns)] += percdamp * torch.mean(torch.diag(H))
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
-        W1, Q1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), torch.zeros(W.shape[0], i2 - i1), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = int(perm[i1 + i]) // g
-            w, d = W1[:, i], Hinv1[i, i]
-            q = A[:, j] * (torch.clamp(torch.round(w / A[:, j] + Z[:, j]), 0, spec.qmax) - Z[:, j])
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return Q[:, torch.argsort(perm)]
+    groups = [(A[:, k:k + 1], Z[:, k:k + 1]) for k in range(A.shape[1])]
+
+    def quantize(x, a, zz):  # bitnest's affine grid: real-valued z added before rounding
+        return a * (torch.clamp(torch.round(x / a + zz), 0, spec.qmax) - zz)
+
+    return fasterquant_reference(W, H, spec.bits, spec.group_size, blocksize=blocksize, percdamp=percdamp,
+                                 grid=(groups, quantize))
 
 
-# ----------------------------------------------------------------------------------------------- plotting
 def plot(rows: list[dict], out: Path) -> Path:
     """C4 held-out PPL (log) against bits per weight: one panel per model, one series per (library, method,
     group) joined in order of bits; bitnest filled markers, peers hollow; FP as a dashed line; points beyond
