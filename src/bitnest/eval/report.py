@@ -14,8 +14,9 @@ def eval_tokens(tokenizer, data: str, data_dir=None) -> torch.Tensor:
     """Tokenized evaluation text, cached per (tokenizer, dataset) so tables tokenize once."""
     key = (id(tokenizer), str(data), str(data_dir))
     if key not in _TOKENS:
-        _TOKENS[key] = tokenize_eval_text(tokenizer, load_eval_text(data, data_dir))
-    return _TOKENS[key]
+        # the entry holds the tokenizer itself, so its id cannot be reused by another tokenizer while cached
+        _TOKENS[key] = (tokenizer, tokenize_eval_text(tokenizer, load_eval_text(data, data_dir)))
+    return _TOKENS[key][1]
 
 
 def evaluate(model, tokenizer, data: str = "wikitext2", *, data_dir=None, ctx: int | None = None,
