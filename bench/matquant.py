@@ -49,7 +49,8 @@ from bitnest.models.blocks import select_linears
 from bitnest.models.hf import load_model
 from bitnest.paths import data_dir
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, header, write_json, write_section  # noqa: E402
 MODEL = "ref-10m"
 CTX = 256
 SLICES = (8, 6, 4, 3, 2)
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-g128", action="store_true", help="skip the group-128 QAT run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir")
+    ap.add_argument("--from-json", help="rebuild the table, plot and (with --write) the section from saved rows; "
+                    "pass the run's budget options so the header states them")
+    ap.add_argument("--times", help="with --from-json: the training-time line to record")
     a = ap.parse_args(argv)
     if a.smoke:
         a.qat_steps, a.batch, a.omni_steps, a.omni_batch, a.n_calib = 2, 2, 1, 2, 4
@@ -323,25 +327,75 @@ def plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def claims(rows: list[dict]) -> str:
+    """The issue's done-when checks, computed from the rows (per channel, C4 held-out)."""
+    def get(flavour, method, r):
+        hit = [x for x in rows if x["flavour"] == flavour and x["granularity"] == "channel" and x["method"] == method
+               and x.get("r") == r]
+        return hit[0] if hit else None
+
+    out = []
+    for flavour in ("qat", "omniquant"):
+        fp, mq2, bl2 = get(flavour, "fp", None), get(flavour, "matquant", 2), get(flavour, "baseline", 2)
+        if not (fp and mq2 and bl2):
+            continue
+        ratio = (mq2["nll_c4"] - fp["nll_c4"]) / (bl2["nll_c4"] - fp["nll_c4"])
+        out.append(f"- {flavour}: int2 gap to FP (Δ NLL, C4) MatQuant {mq2['nll_c4'] - fp['nll_c4']:+.4f} vs Baseline "
+                   f"{bl2['nll_c4'] - fp['nll_c4']:+.4f}: ratio {ratio:.2f} (paper's claim: ≤ 0.7 on QAT; "
+                   f"MatQuant int2 {'better' if mq2['ppl_c4'] < bl2['ppl_c4'] else 'worse'} than its Baseline)")
+        for r in (8, 4, 3):
+            mq, bl, sl = get(flavour, "matquant", r), get(flavour, "baseline", r), get(flavour, "sliced_int8", r)
+            if mq and bl:
+                out.append(f"  - int{r}: MatQuant {mq['ppl_c4']:.2f} vs Baseline {bl['ppl_c4']:.2f} "
+                           f"({100 * (mq['ppl_c4'] / bl['ppl_c4'] - 1):+.2f} %)"
+                           + (f"; Sliced int8 {sl['ppl_c4']:.2f}" if sl and r == 3 else ""))
+        i3 = get(flavour, "matquant", 3)
+        mixes = [x for x in rows if x["flavour"] == flavour and x["granularity"] == "channel"
+                 and x["method"].startswith("mixnmatch") and x["bits_per_ffn_weight"] <= 3.0 + 1e-9]
+        if i3 and mixes:
+            best = min(mixes, key=lambda x: x["ppl_c4"])
+            out.append(f"  - best Mix'n'Match at ≤ 3.0 bits/FFN weight: {best['method'][10:]} {best['mix']} "
+                       f"({best['bits_per_ffn_weight']:.3f} b) C4 {best['ppl_c4']:.2f} vs interpolated int3 "
+                       f"({i3['bits_per_ffn_weight']:.3f} b) {i3['ppl_c4']:.2f}")
+    return "\n".join(out) + "\n"
+
+
+def report(rows: list[dict], args, name: str, times: str = "") -> None:
+    """Plot, table and (with --write) the `matquant` section of BENCHMARKS.md."""
+    plot(rows, RESULTS / f"{name}.png")
+    table = summary_table(rows, args)
+    checks = claims(rows)
+    print("\n" + table + "\n" + checks)
+    if args.write and not args.smoke:
+        extra = (f"Model ref-10m, FFN projections only (as the paper), MinMax asymmetric grids; every QAT training "
+                 f"(MatQuant and each baseline) sees the same {args.qat_steps} × {args.batch} × {CTX} = "
+                 f"{args.qat_steps * args.batch * CTX:,} C4-training tokens (rows 0–1799; 5 % warm-up, cosine, LR "
+                 f"{args.lr}); every OmniQuant run reconstructs each block for {args.omni_steps} steps × "
+                 f"{args.omni_batch} × {CTX} tokens from {args.n_calib} calibration sequences. Rows: "
+                 f"`bench/results/{name}.json`; plot: `bench/results/{name}.png`.\n")
+        section = header("MatQuant (issue 3)", extra) + "\n" + table + "\nThe issue's checks, from these rows:\n\n" + checks
+        if times:
+            section += "\nTraining time: " + times + "\n"
+        section += f"\n![MatQuant perplexity vs bits](bench/results/{name}.png)\n"
+        write_section("matquant", section)
+        print("wrote the matquant section of BENCHMARKS.md")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    name = "matquant_smoke" if args.smoke else "matquant"
+    if args.from_json:  # redraw the table, plot and section from saved rows; nothing is trained
+        report(json.loads(Path(args.from_json).read_text()), args, name, args.times or "")
+        return 0
     t0 = time.time()
     bench = Bench(args)
     rows = bench.run()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "matquant_smoke" if args.smoke else "matquant"
-    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1, default=float))
-    plot(rows, RESULTS / f"{name}.png")
-    table = summary_table(rows, args)
-    print("\n" + table)
-    print("training time: " + "; ".join(f"{k} {s:.0f} s ({s / max(n, 1):.2f} s/step)" for k, s, n in bench.train_seconds))
+    write_json(f"{name}.json", rows)
+    times = "; ".join(f"{k} {s:.0f} s ({s / max(n, 1):.2f} s/step)" for k, s, n in bench.train_seconds)
+    report(rows, args, name, times)
+    print("training time: " + times)
     print(f"wrote {RESULTS / (name + '.json')} and {RESULTS / (name + '.png')}; total {time.time() - t0:.0f} s")
-    if args.write and not args.smoke:
-        bm = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
-        with bm.open("a") as f:
-            f.write("\n" + table)
-        print(f"appended the table to {bm}")
     return 0
 
 

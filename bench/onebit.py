@@ -14,7 +14,8 @@ number of steps.
 Writes bench/results/onebit.json (rows) and bench/results/onebit_curves.png (training loss per step).
 
     python bench/onebit.py                      # the default budget (≈ 45 min on 2 CPU cores)
-    python bench/onebit.py --steps 3 --limit 2  # a smoke run
+    python bench/onebit.py --resume             # after an interruption: only the rows not yet in onebit.json
+    python bench/onebit.py --steps 3 --limit 2 --samples 8 --no-write   # a smoke run
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from bitnest.models.hf import load_model
 from bitnest.paths import data_dir
 from bitnest.train.data import self_generate
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, fmt_table, header, write_json, write_section  # noqa: E402
 
 # name, method, config overrides
 VARIANTS = [
@@ -88,28 +90,30 @@ def fmt(v) -> str:
     return str(v)
 
 
-def print_table(rows: list[dict], model: str) -> None:
-    cols = ["run", "bits_per_weight", "ppl_wikitext2", "ppl_c4", "ppl_sampled", "final_loss", "train_tokens",
-            "train_seconds", "model_bytes"]
-    sel = [r for r in rows if r["model"] == model]
-    cols = [c for c in cols if any(c in r for r in sel)]
-    print(f"\n{model}")
-    print("  ".join(f"{c:>14}" for c in cols))
-    for r in sel:
-        print("  ".join(f"{fmt(r.get(c, '')):>14}" for c in cols))
+COLS = [("run", "run", ""), ("init", "init", ""), ("hidden_loss", "hidden loss", ""), ("post_ln", "post-LN", ""),
+        ("bits_per_weight", "bits/weight", ".4f"), ("model_mib", "MiB", ".2f"), ("ppl_wikitext2", "WikiText-2 PPL", ".2f"),
+        ("ppl_c4", "C4 PPL", ".2f"), ("ppl_sampled", "sampled PPL", ".2f"), ("final_kd", "final KD", ".3f"),
+        ("train_tokens", "train tokens", ","), ("train_seconds", "train s", ".0f")]
 
 
-def plot_curves(curves: dict, out: Path) -> None:
+def table(rows: list[dict], model: str) -> str:
+    sel = [{**r, "model_mib": r["model_bytes"] / 2**20} for r in rows if r["model"] == model]
+    cols = [c for c in COLS if any(r.get(c[0]) is not None for r in sel)]
+    return fmt_table(sel, cols)
+
+
+def plot_curves(rows: list[dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = {(r["model"], r["run"]): r["curve"] for r in rows if r.get("curve")}
     models = sorted({m for m, _ in curves})
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         for (m, run), hist in curves.items():
             if m == model:
-                ax.plot([h["step"] for h in hist], [h["kd"] for h in hist], label=run, lw=1)
+                ax.plot([h[0] for h in hist], [h[1] for h in hist], label=run, lw=1)
         ax.set_title(f"{model}: KD loss (KL to the FP teacher, nats/token)")
         ax.set_xlabel("step")
         ax.set_yscale("log")
@@ -118,6 +122,22 @@ def plot_curves(curves: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+
+
+def report(rows: list[dict], args, budget: str) -> None:
+    """Tables, the training-curve plot and (unless --no-write) the `onebit` section of BENCHMARKS.md."""
+    png = RESULTS / "onebit_curves.png"
+    plot_curves(rows, png)
+    parts = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        parts.append(f"**{model}** (ctx {rows[[r['model'] for r in rows].index(model)]['ctx']})\n\n{table(rows, model)}\n")
+    text = "\n".join(parts)
+    print("\n" + text)
+    if not args.no_write:
+        extra = (budget + " Rows: `bench/results/onebit.json`; training curves: `bench/results/onebit_curves.png`.\n")
+        write_section("onebit", header("OneBit (issue 4)", extra) + "\n" + text
+                      + "\n![OneBit training curves](bench/results/onebit_curves.png)\n")
+        print("wrote the onebit section of BENCHMARKS.md")
 
 
 def main(argv=None) -> int:
@@ -135,7 +155,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", default=str(RESULTS / "onebit.json"))
+    p.add_argument("--resume", action="store_true", help="keep the rows already in bench/results/onebit.json and "
+                   "run only the missing ones (a run that died loses at most the model in training)")
+    p.add_argument("--no-write", action="store_true", help="print only: no JSON, plot or BENCHMARKS.md section")
+    p.add_argument("--from-json", action="store_true", help="rebuild the tables, plot and section from onebit.json")
     p.add_argument("--save-dir", default=None, help="also save every trained model here as a bitnest checkpoint")
     args = p.parse_args(argv)
     args.limit = args.limit or None
@@ -143,18 +166,26 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.variants) - {v[0] for v in VARIANTS})
     if unknown:
         p.error(f"unknown variants {unknown}")
+    budget = (f"Every trained run: {args.steps} steps × {args.batch} sequences of the eval ctx (ref-10m 256, "
+              f"stories260K 512) from {args.samples} teacher-generated sequences per model, Adam β = (0.9, 0.98), "
+              f"LR {args.lr}, 5 % warm-up + cosine; perplexity over the first {args.limit} windows of each text.")
+    json_path = RESULTS / "onebit.json"
+    if args.from_json:
+        report(json.loads(json_path.read_text()), args, budget)
+        return 0
 
     root = data_dir(args.data_dir)
     specs = model_specs(root)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rows, curves = [], {}
+    rows = json.loads(json_path.read_text()) if args.resume and json_path.exists() else []
+    have = {(r["model"], r["run"]) for r in rows}
     t_all = time.perf_counter()
-    total_runs, done = len(args.models) * len(args.variants), 0
+    todo = [(m, v[0]) for m in args.models for v in VARIANTS if v[0] in args.variants and (m, v[0]) not in have]
+    done = 0
 
     def emit(row):
         rows.append(row)
-        out.write_text(json.dumps(rows, indent=1))
+        if not args.no_write:
+            write_json("onebit.json", rows)  # after every row: a dead run keeps what it finished
         print(f"  {row['model']:<12} {row['run']:<22} " + "  ".join(
             f"{k}={fmt(row[k])}" for k in ("bits_per_weight", "ppl_wikitext2", "ppl_c4", "ppl_sampled", "train_seconds")
             if k in row), flush=True)
@@ -165,30 +196,31 @@ def main(argv=None) -> int:
         base = load_model(spec["path"])
         tok, storage = base.tokenizer, base.storage_dtype
         sampled = sampled_text(base.model, tok, spec["ctx"], 32, seed=args.seed + 1000) if "sampled" in spec["evals"] else None
-
+        common = {"model": name, "ctx": spec["ctx"]}
+        if (name, "fp") not in have:
+            t0 = time.perf_counter()
+            emit({**common, "run": "fp", "method": "fp", "init": "none", "hidden_loss": False, "post_ln": None,
+                  "train_tokens": 0, "train_seconds": 0.0, **run_evals(base.model, tok, spec, storage, args, sampled),
+                  "eval_seconds": time.perf_counter() - t0})
+        if (name, "w2_rtn") not in have:
+            m = load_model(spec["path"]).model
+            t0 = time.perf_counter()
+            quantize(m, "rtn", bits=2, group_size=None, progress=False)
+            q_s = time.perf_counter() - t0
+            emit({**common, "run": "w2_rtn", "method": "w2_rtn", "init": "none", "hidden_loss": False, "post_ln": None,
+                  "train_tokens": 0, "train_seconds": 0.0, "quantize_seconds": q_s,
+                  **run_evals(m, tok, spec, storage, args, sampled)})
+            del m
+        if not any(m == name for m, _ in todo):
+            continue
         t0 = time.perf_counter()
         train_ids = self_generate(base.model, args.samples, seq_len, batch_size=min(64, args.samples),
                                   seed=args.seed, progress=True)
         gen_seconds = time.perf_counter() - t0
         print(f"{name}: generated {args.samples} × {seq_len} training tokens in {gen_seconds:.1f} s", flush=True)
 
-        common = {"model": name, "ctx": spec["ctx"]}
-        t0 = time.perf_counter()
-        emit({**common, "run": "fp", "method": "fp", "init": "none", "hidden_loss": False, "post_ln": None,
-              "train_tokens": 0, "train_seconds": 0.0, **run_evals(base.model, tok, spec, storage, args, sampled),
-              "eval_seconds": time.perf_counter() - t0})
-
-        m = load_model(spec["path"]).model
-        t0 = time.perf_counter()
-        quantize(m, "rtn", bits=2, group_size=None, progress=False)
-        q_s = time.perf_counter() - t0
-        emit({**common, "run": "w2_rtn", "method": "w2_rtn", "init": "none", "hidden_loss": False, "post_ln": None,
-              "train_tokens": 0, "train_seconds": 0.0, "quantize_seconds": q_s,
-              **run_evals(m, tok, spec, storage, args, sampled)})
-        del m
-
         for run, method, over in VARIANTS:
-            if run not in args.variants:
+            if (name, run) not in todo:
                 continue
             m = load_model(spec["path"]).model
             cfg = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "seq_len": seq_len, "seed": args.seed, **over}
@@ -196,30 +228,32 @@ def main(argv=None) -> int:
             quantize(m, method, calib=train_ids, progress=True, **cfg)
             q_s = time.perf_counter() - t0
             tr = m.bitnest_train
-            curves[(name, run)] = tr.history
             if args.save_dir:
                 save_quantized(m, tok, Path(args.save_dir) / f"{name}-{run}",
                                quantization_config(method, m.bitnest_method[1], str(spec["path"])),
                                storage_dtype=storage, overwrite=True)
             emit({**common, "run": run, "method": method, "init": over.get("init", "none"),
                   "hidden_loss": over["hidden_loss"], "post_ln": over.get("post_ln", method == "onebit"),
+                  "train_norms": over.get("train_norms", False),
                   "steps": tr.steps, "lr": args.lr, "batch": args.batch, "seq_len": seq_len,
                   "train_tokens": tr.tokens, "train_seconds": tr.seconds, "quantize_seconds": q_s,
                   "steps_per_second": tr.steps / tr.seconds if tr.seconds else None,
                   "first_loss": tr.history[0]["loss"], "final_loss": tr.final_loss,
                   "final_kd": tr.history[-1]["kd"], "datagen_seconds": gen_seconds,
+                  "curve": [(h["step"], h["kd"]) for h in tr.history],
                   **run_evals(m, tok, spec, storage, args, sampled)})
             del m
             done += 1
-            left = total_runs - done
-            if left:
+            if done < len(todo):
                 per_run = (time.perf_counter() - t_all) / done
-                print(f"  {done}/{total_runs} trained runs; ≈ {per_run * left / 60:.0f} min left at this pace", flush=True)
-        print_table(rows, name)
+                print(f"  {done}/{len(todo)} trained runs; ≈ {per_run * (len(todo) - done) / 60:.0f} min left at this pace",
+                      flush=True)
 
-    if curves:
-        plot_curves(curves, out.with_name("onebit_curves.png"))
-    print(f"\nwrote {out} ({len(rows)} rows) in {time.perf_counter() - t_all:.0f} s")
+    if args.no_write:
+        print("\n".join(f"\n{m}\n{table(rows, m)}" for m in args.models))
+    else:
+        report(rows, args, budget)
+    print(f"\n{len(rows)} rows in {time.perf_counter() - t_all:.0f} s")
     return 0
 
 

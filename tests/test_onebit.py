@@ -292,3 +292,19 @@ def test_onebit_resumes_bit_identically_through_the_method(tmp_path, monkeypatch
     assert resumed.bitnest_train.resumed_from == 2 and resumed.bitnest_train.steps == 5
     for (n, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_train_norms_trains_only_the_norm_weights_besides_the_layers():
+    from bitnest.api import quantize
+
+    kw = dict(steps=4, lr=1e-2, batch=4, seq_len=16, samples=8, gen_batch=8, progress=False)
+    for train_norms in (False, True):
+        model = tiny_model(seed=3)
+        norms = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+        emb = model.model.embed_tokens.weight.detach().clone()
+        grad_before = {n: p.requires_grad for n, p in model.named_parameters() if n in norms}
+        quantize(model, "onebit", train_norms=train_norms, **kw)
+        moved = [n for n, p in model.named_parameters() if n in norms and not torch.equal(p, norms[n])]
+        assert bool(moved) == train_norms and (not train_norms or len(moved) == len(norms))
+        assert torch.equal(model.model.embed_tokens.weight, emb)
+        assert {n: p.requires_grad for n, p in model.named_parameters() if n in norms} == grad_before  # restored

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="where the Matryoshka checkpoint is saved")
     d.add_argument("--ctx", type=int, default=256)
     d.add_argument("--limit", type=int, default=64, help="windows per dataset (default 64, to stay under 3 minutes on 2 cores)")
+    d.add_argument("--matquant-steps", type=int, default=24,
+                   help="QAT steps (4 × ctx tokens each) for the MatQuant rows; 0 leaves them out")
     return ap
 
 

@@ -1,7 +1,10 @@
 """`bitnest demo`: the default model at several precisions, side by side with full precision.
 
 RTN rows quantize in memory. The Matryoshka rows quantize once to int8, save one checkpoint, and load that
-same checkpoint back at r = 8, 6, 4, 3, 2 — one file, every precision.
+same checkpoint back at r = 8, 6, 4, 3, 2 — one file, every precision. "Sliced int8" is that checkpoint
+without training; "MatQuant" trains the int8 codes so that their int4 and int2 slices work too (QAT on C4
+training text, a short budget: --matquant-steps), saves one checkpoint and loads it at every r (int6 and int3
+are interpolated: never trained).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .api import quantization_config, quantize
+from .calib.data import CalibOptions, calibration_tokens
 from .eval.report import evaluate
 from .formats.checkpoint import load_quantized, save_quantized
 from .models.hf import load_model
@@ -19,6 +23,7 @@ from .paths import default_model
 
 RTN_BITS = (8, 4, 3, 2)
 SLICE_BITS = (8, 6, 4, 3, 2)
+MATQUANT_BITS = (8, 4, 3, 2)
 
 
 def _row(label, model, tok, fp, args, storage):
@@ -43,6 +48,19 @@ def _print(rows):
               f"{d4:>+7.1f}{r['ppl_wikitext2']:>10.2f}{dw:>+7.1f}{kl:>8}{t1:>7}")
 
 
+def _nested_rows(rows, method, label, bits, src, fp, tok, storage, args, options) -> Path:
+    """Quantize once to int8 codes, save one checkpoint, load it back at each r; returns the checkpoint."""
+    nested = quantize(copy.deepcopy(fp), method, bits=8, progress=not args.no_progress, **options)
+    ck = Path(args.out) / f"{method}-int8"
+    save_quantized(nested, tok, ck, quantization_config(method, nested.bitnest_method[1], src),
+                   storage_dtype=storage, overwrite=True)
+    del nested
+    for r in bits:
+        m = load_quantized(ck, bits=r).model
+        rows.append(_row(f"{label} → int{r}", m, tok, fp, args, storage))
+    return ck
+
+
 def run_demo(args) -> int:
     t0 = time.time()
     src = args.model or str(default_model(args.data_dir))
@@ -55,16 +73,15 @@ def run_demo(args) -> int:
     for b in RTN_BITS:
         m = quantize(copy.deepcopy(fp), "rtn", bits=b, progress=False)
         rows.append(_row(f"RTN int{b} per-channel", m, tok, fp, args, storage))
-    nested = quantize(copy.deepcopy(fp), "sliced", bits=8, progress=False)
-    ck = Path(args.out) / "matryoshka-int8"
-    save_quantized(nested, tok, ck, quantization_config("sliced", nested.bitnest_method[1], src),
-                   storage_dtype=storage, overwrite=True)
-    del nested
-    for r in SLICE_BITS:
-        m = load_quantized(ck, bits=r).model
-        rows.append(_row(f"Sliced int8 → int{r}", m, tok, fp, args, storage))
+    ck = _nested_rows(rows, "sliced", "Sliced int8", SLICE_BITS, src, fp, tok, storage, args, {})
+    if args.matquant_steps:
+        # all layers, as the rows above; 4 sequences of ctx tokens per step from the C4 training rows
+        ids = calibration_tokens(fp, CalibOptions("c4", 4 * args.matquant_steps, args.ctx), tok, args.data_dir)
+        _nested_rows(rows, "matquant", f"MatQuant ({args.matquant_steps} steps)", MATQUANT_BITS, src, fp, tok,
+                     storage, args, dict(targets="all", steps=args.matquant_steps, batch=4, lr=3e-4, calib=ids))
     _print(rows)
-    print(f"\nMatryoshka checkpoint (int8 codes, servable at any r in 1..8): {ck}")
+    print(f"\nMatryoshka checkpoints (int8 codes, servable at any r in 1..8): {ck}"
+          + (f", {Path(args.out) / 'matquant-int8'}" if args.matquant_steps else ""))
     print(f"  try: bitnest eval --model {ck} --bits 3 --data c4 --ctx {args.ctx}")
     print(f"done in {time.time() - t0:.0f} s")
     return 0

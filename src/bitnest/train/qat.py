@@ -48,6 +48,9 @@ class DistillSettings:
     hidden_loss: bool = True
     alpha: float = 1.0  # weight of the hidden-state term
     kd: str = "kl"  # "kl" or "ce" (soft cross-entropy: same gradients, offset by the teacher's entropy)
+    # also train the model's RMSNorm/LayerNorm weights (they stay 16-bit). The OneBit reference code
+    # fine-tunes the whole student; the norms are what lets the network rescale post-LayerNorm outputs.
+    train_norms: bool = False
     seed: int = 0
     ckpt_dir: str | None = None
     ckpt_every: int = 100
@@ -99,6 +102,16 @@ def training_data(teacher: nn.Module, settings: DistillSettings, tokenizer=None,
     return text_sequences(tokenizer, settings.data, settings.seq_len, limit=settings.n_samples)
 
 
+def norm_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The affine weights of every normalization layer (RMSNorm / LayerNorm, by class name), made trainable."""
+    out = []
+    for mod in model.modules():
+        if type(mod).__name__.endswith(("RMSNorm", "LayerNorm")) and isinstance(getattr(mod, "weight", None), nn.Parameter):
+            mod.weight.requires_grad_(True)
+            out.append(mod.weight)
+    return out
+
+
 def distill_qat(model: nn.Module, names: list[str], prepare: Callable[[str, nn.Linear], nn.Module],
                 settings: DistillSettings, *, convert: Callable[[nn.Module], nn.Module] | None = None,
                 tokenizer=None, ids: torch.Tensor | None = None, progress: bool = True,
@@ -119,6 +132,8 @@ def distill_qat(model: nn.Module, names: list[str], prepare: Callable[[str, nn.L
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
             params.append(p)
+    if settings.train_norms:
+        params += norm_weights(model)
     try:
         result = train(model, Batches(data, min(settings.batch, data.shape[0]), seed=settings.seed),
                        Distill(teacher, settings.alpha, settings.hidden_loss, settings.kd),
