@@ -792,6 +792,8 @@ def main(argv=None) -> int:
                     help="only the GPTQ transcription check (ref-10m, one layer)")
     ap.add_argument("--plot-from", help="redraw the plot from a survey.json and exit")
     ap.add_argument("--plan-only", action="store_true", help="print the plan and its time estimate, run nothing")
+    ap.add_argument("--from-json", help="rebuild the table, checks, plot and section from a saved survey.json "
+                    "(pass the run's --limit / --n-calib so the note states them)")
     ap.add_argument("--peer-worker", choices=PEER_GPTQ, help=argparse.SUPPRESS)
     for k, t in (("peer-model", str), ("peer-bits", int), ("peer-group", int), ("peer-calib", str), ("peer-out", str)):
         ap.add_argument(f"--{k}", type=t, help=argparse.SUPPRESS)
@@ -848,6 +850,10 @@ def main(argv=None) -> int:
         return 0
     rows: list[dict] = []
     t0 = time.perf_counter()
+    if args.from_json:  # rebuild the table, checks, plot and section from saved rows; nothing is run
+        rows = json.loads(Path(args.from_json).read_text())
+        rows = [{k: (float("nan") if v is None and k.startswith("ppl") else v) for k, v in r.items()} for r in rows]
+        return finish(rows, args, out_dir, None, None)
 
     def on_row(r):
         rows.append(r)
@@ -856,10 +862,19 @@ def main(argv=None) -> int:
     for s, p in plans:
         print(f"{s.name}:", flush=True)
         s.run(p, on_row)
-    wall = time.perf_counter() - t0
+    return finish(rows, args, out_dir, time.perf_counter() - t0, est)
+
+
+def finish(rows, args, out_dir: Path, wall, est) -> int:
     table = fmt_table(rows, COLS)
     print("\n" + table)
-    print(f"\n{len(rows)} rows in {wall / 60:.1f} min (estimated {est / 60:.1f})")
+    if wall is not None:
+        print(f"\n{len(rows)} rows in {wall / 60:.1f} min (estimated {est / 60:.1f})")
+    try:
+        check_text = checks(rows)
+    except Exception as e:  # a summary bug must not cost the recorded table
+        check_text = f"(checks failed: {e!r})\n"
+    print("\n" + check_text)
     png = plot(rows, out_dir / "survey.png")
     print(f"wrote {out_dir / 'survey.json'} and {png}")
     if not args.no_write:
@@ -870,8 +885,49 @@ def main(argv=None) -> int:
                 "stored bit per quantized weight (codes, scales, zeros, tables, g_idx), floats at the storage dtype; "
                 "`quant s` is quantization time. Peer GPTQs run in an overlay venv (see bench/survey.py). "
                 "![survey](bench/results/survey.png)")
-        write_section("survey", header("Survey: every method vs the peers", note) + "\n" + table)
+        write_section("survey", header("Survey: every method vs the peers", note) + "\n" + table
+                      + "\n\nThe issue's checks, from these rows:\n\n" + check_text)
     return 0
+
+
+def checks(rows: list[dict]) -> str:
+    """The issue's done-when, computed from the rows (C4 held-out unless said)."""
+    ok = lambda r: r.get("ppl_c4") is not None and r["ppl_c4"] == r["ppl_c4"]  # failed rows carry NaN / null
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model and ok(r)]
+        fp = next((r for r in rs if r["method"] == "fp"), None)
+        peers_gptq = [r for r in rs if r["library"] in PEER_GPTQ]
+        for b in (4, 3):
+            ours = next((r for r in rs if r["library"] == "bitnest" and r["method"] == "gptq" and r["bits"] == b
+                         and r["group_size"] == 128), None)
+            for pr in (r for r in peers_gptq if r["bits"] == b and r["group_size"] == 128):
+                if ours:
+                    out.append(f"- {model} GPTQ W{b} g128: bitnest C4 {ours['ppl_c4']:.2f} / WikiText-2 "
+                               f"{ours['ppl_wikitext2']:.2f} vs {pr['library']} {pr['ppl_c4']:.2f} / {pr['ppl_wikitext2']:.2f} "
+                               f"({100 * (ours['ppl_c4'] / pr['ppl_c4'] - 1):+.2f} % / "
+                               f"{100 * (ours['ppl_wikitext2'] / pr['ppl_wikitext2'] - 1):+.2f} %)")
+        for b in (3, 2):
+            lost = []
+            for pr in (r for r in rs if r["library"] not in ("bitnest", "-") and r["bits"] == b):
+                cands = [r for r in rs if r["library"] == "bitnest" and r["bits_per_weight"] <= pr["bits_per_weight"] + 1e-9
+                         and r["method"] not in ("fp",)]
+                best = min(cands, key=lambda r: r["ppl_c4"], default=None)
+                if best is None or best["ppl_c4"] >= pr["ppl_c4"]:
+                    lost.append(f"{pr['library']} {pr['method']} g={pr['group_size']} {pr['ppl_c4']:.2f} @ "
+                                f"{pr['bits_per_weight']:.3f} b (bitnest best there: "
+                                + (f"{best['method']} {best['ppl_c4']:.2f})" if best else "none)"))
+            n = sum(1 for r in rs if r["library"] not in ("bitnest", "-") and r["bits"] == b)
+            out.append(f"- {model} {b}-bit: bitnest's best at ≤ each peer row's bits/weight beats {n - len(lost)} of {n} "
+                       "peer rows" + ("" if not lost else "; not: " + "; ".join(lost)))
+        if fp:
+            for m in ("w8a8_dynamic", "intonly_w8a8"):
+                r = next((r for r in rs if r["method"] == m), None)
+                if r:
+                    out.append(f"- {model} {m}: C4 {r['ppl_c4']:.2f} vs FP {fp['ppl_c4']:.2f} "
+                               f"({100 * (r['ppl_c4'] / fp['ppl_c4'] - 1):+.2f} %), WikiText-2 "
+                               f"{100 * (r['ppl_wikitext2'] / fp['ppl_wikitext2'] - 1):+.2f} %")
+    return "\n".join(out) + "\n"
 
 
 def write_json_to(out_dir: Path, rows: list[dict]) -> None:

@@ -43,3 +43,18 @@ def test_sliced_int8_at_8_is_rtn_int8(ref):
     b = quantize(copy.deepcopy(ref.model), "sliced", bits=8, group_size=128, progress=False)
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_demo_prints_every_row_and_saves_both_nested_checkpoints(ref10m_path, tmp_path, capsys):
+    """`bitnest demo` end to end on the real model at a tiny budget (1 window, 1 MatQuant step)."""
+    from bitnest.cli import main
+
+    rc = main(["demo", "--model", str(ref10m_path), "--out", str(tmp_path), "--limit", "1", "--matquant-steps", "1",
+               "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = [l for l in out.splitlines() if l.startswith(("FP", "RTN", "Sliced", "MatQuant"))]
+    assert len(rows) == 1 + 4 + 5 + 4
+    assert [l.split("→")[-1].split()[0] for l in rows if "MatQuant" in l] == ["int8", "int4", "int3", "int2"]
+    for ck in ("sliced-int8", "matquant-int8"):
+        assert (tmp_path / ck / "config.json").exists()
