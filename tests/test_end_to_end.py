@@ -50,11 +50,11 @@ def test_demo_prints_every_row_and_saves_both_nested_checkpoints(ref10m_path, tm
     from bitnest.cli import main
 
     rc = main(["demo", "--model", str(ref10m_path), "--out", str(tmp_path), "--limit", "1", "--matquant-steps", "1",
-               "--no-progress"])
+               "--onebit-steps", "1", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0
-    rows = [l for l in out.splitlines() if l.startswith(("FP", "RTN", "Sliced", "MatQuant"))]
-    assert len(rows) == 1 + 4 + 5 + 4
+    rows = [l for l in out.splitlines() if l.startswith(("FP", "RTN", "Sliced", "MatQuant", "OneBit"))]
+    assert len(rows) == 1 + 4 + 5 + 4 + 1 and rows[-1].startswith("OneBit (1 steps)")
     assert [l.split("→")[-1].split()[0] for l in rows if "MatQuant" in l] == ["int8", "int4", "int3", "int2"]
     for ck in ("sliced-int8", "matquant-int8"):
         assert (tmp_path / ck / "config.json").exists()

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=64, help="windows per dataset (default 64, to stay under 3 minutes on 2 cores)")
     d.add_argument("--matquant-steps", type=int, default=24,
                    help="QAT steps (4 × ctx tokens each) for the MatQuant rows; 0 leaves them out")
+    d.add_argument("--onebit-steps", type=int, default=48,
+                   help="distillation steps (4 × ctx tokens each) for the OneBit row; 0 leaves it out")
+    d.add_argument("--onebit-ckpt", help="a saved bitnest OneBit checkpoint to show instead of a short run")
     return ap
 
 

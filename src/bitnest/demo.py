@@ -4,7 +4,8 @@ RTN rows quantize in memory. The Matryoshka rows quantize once to int8, save one
 same checkpoint back at r = 8, 6, 4, 3, 2 — one file, every precision. "Sliced int8" is that checkpoint
 without training; "MatQuant" trains the int8 codes so that their int4 and int2 slices work too (QAT on C4
 training text, a short budget: --matquant-steps), saves one checkpoint and loads it at every r (int6 and int3
-are interpolated: never trained).
+are interpolated: never trained). "OneBit" distills 1-bit layers for --onebit-steps on the same text, or loads
+a saved OneBit checkpoint (--onebit-ckpt, e.g. one that `bench/onebit.py --save-dir runs/onebit` wrote).
 """
 from __future__ import annotations
 
@@ -74,11 +75,21 @@ def run_demo(args) -> int:
         m = quantize(copy.deepcopy(fp), "rtn", bits=b, progress=False)
         rows.append(_row(f"RTN int{b} per-channel", m, tok, fp, args, storage))
     ck = _nested_rows(rows, "sliced", "Sliced int8", SLICE_BITS, src, fp, tok, storage, args, {})
+    steps = max(args.matquant_steps, args.onebit_steps if not args.onebit_ckpt else 0)
+    # all layers, as the rows above; 4 sequences of ctx tokens per step from the C4 training rows
+    ids = calibration_tokens(fp, CalibOptions("c4", 4 * steps, args.ctx), tok, args.data_dir) if steps else None
     if args.matquant_steps:
-        # all layers, as the rows above; 4 sequences of ctx tokens per step from the C4 training rows
-        ids = calibration_tokens(fp, CalibOptions("c4", 4 * args.matquant_steps, args.ctx), tok, args.data_dir)
         _nested_rows(rows, "matquant", f"MatQuant ({args.matquant_steps} steps)", MATQUANT_BITS, src, fp, tok,
                      storage, args, dict(targets="all", steps=args.matquant_steps, batch=4, lr=3e-4, calib=ids))
+    if args.onebit_ckpt:
+        rows.append(_row(f"OneBit ({Path(args.onebit_ckpt).name})", load_quantized(args.onebit_ckpt).model, tok, fp,
+                         args, storage))
+    elif args.onebit_steps:
+        # the paper's layer (post-LayerNorm, NMF SVID), distilled from the FP model on the same C4 text
+        m = quantize(copy.deepcopy(fp), "onebit", steps=args.onebit_steps, batch=4, lr=1e-3, seq_len=args.ctx,
+                     calib=ids[: 4 * args.onebit_steps], progress=not args.no_progress)
+        rows.append(_row(f"OneBit ({args.onebit_steps} steps)", m, tok, fp, args, storage))
+        del m
     _print(rows)
     print(f"\nMatryoshka checkpoints (int8 codes, servable at any r in 1..8): {ck}"
           + (f", {Path(args.out) / 'matquant-int8'}" if args.matquant_steps else ""))
