@@ -126,7 +126,7 @@ def plot_curves(rows: list[dict], out: Path) -> None:
 
 def report(rows: list[dict], args, budget: str) -> None:
     """Tables, the training-curve plot and (unless --no-write) the `onebit` section of BENCHMARKS.md."""
-    png = RESULTS / "onebit_curves.png"
+    png = RESULTS / f"{args.name}_curves.png"
     plot_curves(rows, png)
     parts = []
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -134,9 +134,10 @@ def report(rows: list[dict], args, budget: str) -> None:
     text = "\n".join(parts)
     print("\n" + text)
     if not args.no_write:
-        extra = (budget + " Rows: `bench/results/onebit.json`; training curves: `bench/results/onebit_curves.png`.\n")
-        write_section("onebit", header("OneBit (issue 4)", extra) + "\n" + text
-                      + "\n![OneBit training curves](bench/results/onebit_curves.png)\n")
+        extra = (budget + f" Rows: `bench/results/{args.name}.json`; training curves: `bench/results/{png.name}`.\n")
+        title = "OneBit (issue 4)" if args.name == "onebit" else f"OneBit (issue 4): {args.name}"
+        write_section(args.name, header(title, extra) + "\n" + text
+                      + f"\n![OneBit training curves](bench/results/{png.name})\n")
         print("wrote the onebit section of BENCHMARKS.md")
 
 
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
                    "run only the missing ones (a run that died loses at most the model in training)")
     p.add_argument("--no-write", action="store_true", help="print only: no JSON, plot or BENCHMARKS.md section")
     p.add_argument("--from-json", action="store_true", help="rebuild the tables, plot and section from onebit.json")
+    p.add_argument("--name", default="onebit", help="results name: bench/results/NAME.json, NAME_curves.png and "
+                   "the NAME section of BENCHMARKS.md (e.g. onebit_long for a longer-budget run)")
     p.add_argument("--save-dir", default=None, help="also save every trained model here as a bitnest checkpoint")
     args = p.parse_args(argv)
     args.limit = args.limit or None
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
     budget = (f"Every trained run: {args.steps} steps × {args.batch} sequences of the eval ctx (ref-10m 256, "
               f"stories260K 512) from {args.samples} teacher-generated sequences per model, Adam β = (0.9, 0.98), "
               f"LR {args.lr}, 5 % warm-up + cosine; perplexity over the first {args.limit} windows of each text.")
-    json_path = RESULTS / "onebit.json"
+    json_path = RESULTS / f"{args.name}.json"
     if args.from_json:
         report(json.loads(json_path.read_text()), args, budget)
         return 0
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
     def emit(row):
         rows.append(row)
         if not args.no_write:
-            write_json("onebit.json", rows)  # after every row: a dead run keeps what it finished
+            write_json(json_path.name, rows)  # after every row: a dead run keeps what it finished
         print(f"  {row['model']:<12} {row['run']:<22} " + "  ".join(
             f"{k}={fmt(row[k])}" for k in ("bits_per_weight", "ppl_wikitext2", "ppl_c4", "ppl_sampled", "train_seconds")
             if k in row), flush=True)
