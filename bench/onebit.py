@@ -37,7 +37,7 @@ from bitnest.paths import data_dir
 from bitnest.train.data import self_generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, fmt_table, header, write_json, write_section  # noqa: E402
+from common import MODELS, RESULTS, fmt_table, header, write_json, write_section  # noqa: E402
 
 # name, method, config overrides
 VARIANTS = [
@@ -53,11 +53,10 @@ VARIANTS = [
 
 
 def model_specs(root: Path) -> dict:
-    return {
-        "ref-10m": {"path": root / "models" / "ref-10m", "ctx": 256, "evals": ["wikitext2", "c4"]},
-        "stories260K": {"path": root / "data" / "stories260K" / "stories260K.bin", "ctx": 512,
-                        "evals": ["wikitext2", "c4", "sampled"]},
-    }
+    """bench/common's models; stories260K is also scored on its own domain (text sampled from the FP model)."""
+    return {name: {"path": root / rel, "ctx": ctx,
+                   "evals": ["wikitext2", "c4"] + (["sampled"] if name == "stories260K" else [])}
+            for name, (rel, ctx) in MODELS.items()}
 
 
 def sampled_text(model, tokenizer, ctx: int, n: int, seed: int) -> Path:
@@ -125,15 +124,13 @@ def plot_curves(rows: list[dict], out: Path) -> None:
 
 
 def report(rows: list[dict], args, budget: str) -> None:
-    """Tables, the training-curve plot and (unless --no-write) the `onebit` section of BENCHMARKS.md."""
-    png = RESULTS / f"{args.name}_curves.png"
-    plot_curves(rows, png)
-    parts = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        parts.append(f"**{model}** (ctx {rows[[r['model'] for r in rows].index(model)]['ctx']})\n\n{table(rows, model)}\n")
-    text = "\n".join(parts)
+    """Print the tables; unless --no-write, also the training-curve plot and the NAME section of BENCHMARKS.md."""
+    ctx = {r["model"]: r["ctx"] for r in rows}
+    text = "\n".join(f"**{model}** (ctx {c})\n\n{table(rows, model)}\n" for model, c in ctx.items())
     print("\n" + text)
     if not args.no_write:
+        png = RESULTS / f"{args.name}_curves.png"
+        plot_curves(rows, png)
         extra = (budget + f" Rows: `bench/results/{args.name}.json`; training curves: `bench/results/{png.name}`.\n")
         title = "OneBit (issue 4)" if args.name == "onebit" else f"OneBit (issue 4): {args.name}"
         write_section(args.name, header(title, extra) + "\n" + text
@@ -237,7 +234,6 @@ def main(argv=None) -> int:
                                storage_dtype=storage, overwrite=True)
             emit({**common, "run": run, "method": method, "init": over.get("init", "none"),
                   "hidden_loss": over["hidden_loss"], "post_ln": over.get("post_ln", method == "onebit"),
-                  "train_norms": over.get("train_norms", False),
                   "steps": tr.steps, "lr": args.lr, "batch": args.batch, "seq_len": seq_len,
                   "train_tokens": tr.tokens, "train_seconds": tr.seconds, "quantize_seconds": q_s,
                   "steps_per_second": tr.steps / tr.seconds if tr.seconds else None,
@@ -252,10 +248,7 @@ def main(argv=None) -> int:
                 print(f"  {done}/{len(todo)} trained runs; ≈ {per_run * (len(todo) - done) / 60:.0f} min left at this pace",
                       flush=True)
 
-    if args.no_write:
-        print("\n".join(f"\n{m}\n{table(rows, m)}" for m in args.models))
-    else:
-        report(rows, args, budget)
+    report(rows, args, budget)
     print(f"\n{len(rows)} rows in {time.perf_counter() - t_all:.0f} s")
     return 0
 

@@ -907,18 +907,19 @@ def checks(rows: list[dict]) -> str:
                                f"{ours['ppl_wikitext2']:.2f} vs {pr['library']} {pr['ppl_c4']:.2f} / {pr['ppl_wikitext2']:.2f} "
                                f"({100 * (ours['ppl_c4'] / pr['ppl_c4'] - 1):+.2f} % / "
                                f"{100 * (ours['ppl_wikitext2'] / pr['ppl_wikitext2'] - 1):+.2f} %)")
+        ours_all = [r for r in rs if r["library"] == "bitnest"]
         for b in (3, 2):
+            peers = [r for r in rs if r["library"] not in ("bitnest", "-") and r["bits"] == b]
             lost = []
-            for pr in (r for r in rs if r["library"] not in ("bitnest", "-") and r["bits"] == b):
-                cands = [r for r in rs if r["library"] == "bitnest" and r["bits_per_weight"] <= pr["bits_per_weight"] + 1e-9
-                         and r["method"] not in ("fp",)]
-                best = min(cands, key=lambda r: r["ppl_c4"], default=None)
+            for pr in peers:
+                best = min((r for r in ours_all if r["bits_per_weight"] <= pr["bits_per_weight"] + 1e-9),
+                           key=lambda r: r["ppl_c4"], default=None)
                 if best is None or best["ppl_c4"] >= pr["ppl_c4"]:
                     lost.append(f"{pr['library']} {pr['method']} g={pr['group_size']} {pr['ppl_c4']:.2f} @ "
                                 f"{pr['bits_per_weight']:.3f} b (bitnest best there: "
                                 + (f"{best['method']} {best['ppl_c4']:.2f})" if best else "none)"))
-            n = sum(1 for r in rs if r["library"] not in ("bitnest", "-") and r["bits"] == b)
-            out.append(f"- {model} {b}-bit: bitnest's best at ≤ each peer row's bits/weight beats {n - len(lost)} of {n} "
+            out.append(f"- {model} {b}-bit: bitnest's best at ≤ each peer row's bits/weight beats "
+                       f"{len(peers) - len(lost)} of {len(peers)} "
                        "peer rows" + ("" if not lost else "; not: " + "; ".join(lost)))
         if fp:
             for m in ("w8a8_dynamic", "intonly_w8a8"):

@@ -12,17 +12,9 @@ import torch.nn.functional as F
 from bitnest.errors import BitnestError
 from bitnest.eval.data import load_eval_text, tokenize_eval_text
 from bitnest.eval.perplexity import AgreementResult, PplResult, agreement, default_ctx, perplexity
-from bitnest.paths import data_dir
 
 CTX = 16
 VOCAB = 64
-
-
-def _shared_or_skip():
-    try:
-        return data_dir()
-    except BitnestError:
-        pytest.skip("shared data directory not found")
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +113,11 @@ def test_tokenize_with_encode_only_tokenizer():
     assert ids.dtype == torch.long and ids.tolist() == [1, 97, 98]
 
 
-def test_tokenize_hf_adds_bos_once_and_is_quiet(caplog):
+def test_tokenize_hf_adds_bos_once_and_is_quiet(caplog, ref10m_path):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    path = _shared_or_skip() / "models/ref-10m"
+    path = ref10m_path
     if not (path / "tokenizer.json").is_file():
         pytest.skip("ref-10m not found")
     tok = AutoTokenizer.from_pretrained(path)
@@ -140,8 +132,8 @@ def test_tokenize_hf_adds_bos_once_and_is_quiet(caplog):
     assert "longer than the specified maximum" not in caplog.text
 
 
-def test_load_c4_heldout():
-    root = _shared_or_skip()
+def test_load_c4_heldout(shared):
+    root = shared
     path = root / "data/c4_validation_sample/c4_validation_2k.jsonl"
     if not path.is_file():
         pytest.skip("C4 sample not found")
@@ -152,8 +144,8 @@ def test_load_c4_heldout():
     assert rows[1799] not in text
 
 
-def test_load_wikitext2_gptq_join():
-    root = _shared_or_skip()
+def test_load_wikitext2_gptq_join(shared):
+    root = shared
     if not (root / "data/wikitext2_raw/wiki.test.raw").is_file():
         pytest.skip("WikiText-2 not found")
     text = load_eval_text("wikitext2")
@@ -181,10 +173,10 @@ def test_unknown_dataset_raises(tmp_path):
 
 
 @pytest.mark.slow
-def test_ref10m_c4_heldout_ppl():
+def test_ref10m_c4_heldout_ppl(shared):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = _shared_or_skip()
+    root = shared
     path = root / "models/ref-10m"
     if not path.is_dir() or not (root / "data/c4_validation_sample/c4_validation_2k.jsonl").is_file():
         pytest.skip("ref-10m or the C4 sample not found")

@@ -13,8 +13,6 @@ import copy
 import time
 from pathlib import Path
 
-import torch
-
 from .api import quantization_config, quantize
 from .calib.data import CalibOptions, calibration_tokens
 from .eval.report import evaluate
@@ -78,9 +76,11 @@ def run_demo(args) -> int:
     steps = max(args.matquant_steps, args.onebit_steps if not args.onebit_ckpt else 0)
     # all layers, as the rows above; 4 sequences of ctx tokens per step from the C4 training rows
     ids = calibration_tokens(fp, CalibOptions("c4", 4 * steps, args.ctx), tok, args.data_dir) if steps else None
+    cks = [ck]
     if args.matquant_steps:
-        _nested_rows(rows, "matquant", f"MatQuant ({args.matquant_steps} steps)", MATQUANT_BITS, src, fp, tok,
-                     storage, args, dict(targets="all", steps=args.matquant_steps, batch=4, lr=3e-4, calib=ids))
+        cks += [_nested_rows(rows, "matquant", f"MatQuant ({args.matquant_steps} steps)", MATQUANT_BITS, src, fp, tok,
+                     storage, args, dict(targets="all", steps=args.matquant_steps, batch=4, lr=3e-4,
+                                                 calib=ids))]
     if args.onebit_ckpt:
         rows.append(_row(f"OneBit ({Path(args.onebit_ckpt).name})", load_quantized(args.onebit_ckpt).model, tok, fp,
                          args, storage))
@@ -91,8 +91,7 @@ def run_demo(args) -> int:
         rows.append(_row(f"OneBit ({args.onebit_steps} steps)", m, tok, fp, args, storage))
         del m
     _print(rows)
-    print(f"\nMatryoshka checkpoints (int8 codes, servable at any r in 1..8): {ck}"
-          + (f", {Path(args.out) / 'matquant-int8'}" if args.matquant_steps else ""))
+    print(f"\nMatryoshka checkpoints (int8 codes, servable at any r in 1..8): {', '.join(map(str, cks))}")
     print(f"  try: bitnest eval --model {ck} --bits 3 --data c4 --ctx {args.ctx}")
     print(f"done in {time.time() - t0:.0f} s")
     return 0

@@ -58,13 +58,18 @@ PAPER_PRECISIONS = (8, 4, 2)
 # ------------------------------------------------------------------------------------------------ parsing
 
 
-def parse_bits(s) -> tuple[int, ...]:
-    """"8,4,2" (or a sequence) -> (8, 4, 2): distinct integers in 1..8."""
+def _csv(s, conv, what: str) -> tuple:
+    """"a,b,c" or a sequence -> a tuple of conv(item); a one-line error naming `what` on a bad item."""
     items = [x.strip() for x in s.split(",")] if isinstance(s, str) else list(s)
     try:
-        bits = tuple(int(x) for x in items if x != "")
+        return tuple(conv(x) for x in items if x != "")
     except (TypeError, ValueError):
-        raise BitnestError(f"precisions must be comma-separated integers in 1..8, e.g. 8,4,2; got {s!r}") from None
+        raise BitnestError(f"{what}; got {s!r}") from None
+
+
+def parse_bits(s) -> tuple[int, ...]:
+    """"8,4,2" (or a sequence) -> (8, 4, 2): distinct integers in 1..8."""
+    bits = _csv(s, int, "precisions must be comma-separated integers in 1..8, e.g. 8,4,2")
     if not bits or any(not 1 <= b <= 8 for b in bits) or len(set(bits)) != len(bits):
         raise BitnestError(f"precisions must be distinct integers in 1..8, e.g. 8,4,2; got {s!r}")
     return bits
@@ -72,11 +77,7 @@ def parse_bits(s) -> tuple[int, ...]:
 
 def parse_lambdas(s) -> tuple[float, ...]:
     """"0.1,0.1,1" (or a sequence) -> (0.1, 0.1, 1.0): non-negative, at least one positive."""
-    items = [x.strip() for x in s.split(",")] if isinstance(s, str) else list(s)
-    try:
-        lam = tuple(float(x) for x in items if x != "")
-    except (TypeError, ValueError):
-        raise BitnestError(f"lambdas must be comma-separated numbers, e.g. 0.1,0.1,1; got {s!r}") from None
+    lam = _csv(s, float, "lambdas must be comma-separated numbers, e.g. 0.1,0.1,1")
     if not lam or any(not (x >= 0) or x == float("inf") for x in lam) or not any(x > 0 for x in lam):
         raise BitnestError(f"lambdas must be finite, non-negative and not all zero; got {s!r}")
     return lam
