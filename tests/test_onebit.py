@@ -294,17 +294,21 @@ def test_onebit_resumes_bit_identically_through_the_method(tmp_path, monkeypatch
         assert torch.equal(a, b), n
 
 
-def test_train_norms_trains_only_the_norm_weights_besides_the_layers():
+@pytest.mark.parametrize("extra", ["none", "train_norms", "train_embeddings"])
+def test_extra_trainables_train_exactly_what_they_name(extra):
+    """Besides the 1-bit layers, train_norms trains every norm weight and train_embeddings the (tied)
+    embedding matrix; nothing else moves, and every requires_grad flag is restored afterwards."""
     from bitnest.api import quantize
 
     kw = dict(steps=4, lr=1e-2, batch=4, seq_len=16, samples=8, gen_batch=8, progress=False)
-    for train_norms in (False, True):
-        model = tiny_model(seed=3)
-        norms = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
-        emb = model.model.embed_tokens.weight.detach().clone()
-        grad_before = {n: p.requires_grad for n, p in model.named_parameters() if n in norms}
-        quantize(model, "onebit", train_norms=train_norms, **kw)
-        moved = [n for n, p in model.named_parameters() if n in norms and not torch.equal(p, norms[n])]
-        assert bool(moved) == train_norms and (not train_norms or len(moved) == len(norms))
-        assert torch.equal(model.model.embed_tokens.weight, emb)
-        assert {n: p.requires_grad for n, p in model.named_parameters() if n in norms} == grad_before  # restored
+    model = tiny_model(seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    quantize(model, "onebit", **({extra: True} if extra != "none" else {}), **kw)
+    after = dict(model.named_parameters())
+    norms = {n for n in before if "norm" in n}
+    moved = {n for n in before if n in after and not torch.equal(after[n], before[n])}
+    assert moved == {"none": set(), "train_norms": norms, "train_embeddings": {"model.embed_tokens.weight"}}[extra]
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: one matrix trained
+    assert {n: p.requires_grad for n, p in model.named_parameters() if n in grad_before} == \
+        {n: grad_before[n] for n in after if n in grad_before}  # restored

@@ -48,9 +48,12 @@ class DistillSettings:
     hidden_loss: bool = True
     alpha: float = 1.0  # weight of the hidden-state term
     kd: str = "kl"  # "kl" or "ce" (soft cross-entropy: same gradients, offset by the teacher's entropy)
-    # also train the model's RMSNorm/LayerNorm weights (they stay 16-bit). The OneBit reference code
-    # fine-tunes the whole student; the norms are what lets the network rescale post-LayerNorm outputs.
+    # also train the model's RMSNorm/LayerNorm weights (they stay 16-bit; the OneBit reference freezes them)
     train_norms: bool = False
+    # also train the input embeddings and the LM head (they stay 16-bit; tied ones are one matrix), as the
+    # OneBit reference's full fine-tune does. With the post-LayerNorm every projection writes a unit-RMS
+    # vector into the residual stream; the embeddings are what can rescale against that.
+    train_embeddings: bool = False
     seed: int = 0
     ckpt_dir: str | None = None
     ckpt_every: int = 100
@@ -112,6 +115,17 @@ def norm_weights(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def embedding_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The input embedding and LM head weights (one parameter when tied), made trainable."""
+    out = []
+    for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, nn.Parameter) and all(w is not p for p in out):
+            w.requires_grad_(True)
+            out.append(w)
+    return out
+
+
 def distill_qat(model: nn.Module, names: list[str], prepare: Callable[[str, nn.Linear], nn.Module],
                 settings: DistillSettings, *, convert: Callable[[nn.Module], nn.Module] | None = None,
                 tokenizer=None, ids: torch.Tensor | None = None, progress: bool = True,
@@ -134,6 +148,8 @@ def distill_qat(model: nn.Module, names: list[str], prepare: Callable[[str, nn.L
             params.append(p)
     if settings.train_norms:
         params += norm_weights(model)
+    if settings.train_embeddings:
+        params += embedding_weights(model)
     try:
         result = train(model, Batches(data, min(settings.batch, data.shape[0]), seed=settings.seed),
                        Distill(teacher, settings.alpha, settings.hidden_loss, settings.kd),
