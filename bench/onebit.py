@@ -6,6 +6,7 @@ For ref-10m (ctx 256) and stories260K (ctx 512), one table each:
   onebit × {svd, nmf, sign} × {hidden-state loss on, off}     the paper's layer (post-LayerNorm on)
   onebit nmf, post-LN off     ablation: the layer without its output LayerNorm
   bitnet                      Sign(W − mean W) · mean|W − mean W|, the same distillation (hidden loss on)
+  onebit svd / bitnet, +emb   the same two with the 16-bit embeddings trained too (the reference's full fine-tune)
 Perplexity on WikiText-2 and the held-out C4 rows (stories260K also on text sampled from the FP model,
 its own TinyStories domain), bits per weight, model bytes, training tokens and time. Every trained run
 distills on the same teacher-generated sequences (generated once per model, LLM-QAT style) for the same
@@ -49,6 +50,9 @@ VARIANTS = [
     ("onebit-sign-nohidden", "onebit", {"init": "sign", "hidden_loss": False}),
     ("onebit-nmf-noln", "onebit", {"init": "nmf", "hidden_loss": True, "post_ln": False}),
     ("bitnet", "bitnet", {"hidden_loss": True}),
+    # the reference code fine-tunes the whole student: the 16-bit (tied) embeddings train too
+    ("onebit-svd-emb", "onebit", {"init": "svd", "hidden_loss": True, "train_embeddings": True}),
+    ("bitnet-emb", "bitnet", {"hidden_loss": True, "train_embeddings": True}),
 ]
 
 
@@ -90,13 +94,16 @@ def fmt(v) -> str:
 
 
 COLS = [("run", "run", ""), ("init", "init", ""), ("hidden_loss", "hidden loss", ""), ("post_ln", "post-LN", ""),
+        ("train_embeddings", "emb. trained", ""),
         ("bits_per_weight", "bits/weight", ".4f"), ("model_mib", "MiB", ".2f"), ("ppl_wikitext2", "WikiText-2 PPL", ".2f"),
         ("ppl_c4", "C4 PPL", ".2f"), ("ppl_sampled", "sampled PPL", ".2f"), ("final_kd", "final KD", ".3f"),
         ("train_tokens", "train tokens", ","), ("train_seconds", "train s", ".0f")]
 
 
 def table(rows: list[dict], model: str) -> str:
-    sel = [{**r, "model_mib": r["model_bytes"] / 2**20} for r in rows if r["model"] == model]
+    trained = ("onebit", "bitnet")  # rows written before the train_embeddings variants existed did not train them
+    sel = [{"train_embeddings": False if r["method"] in trained else None, **r, "model_mib": r["model_bytes"] / 2**20}
+           for r in rows if r["model"] == model]
     cols = [c for c in COLS if any(r.get(c[0]) is not None for r in sel)]
     return fmt_table(sel, cols)
 
@@ -234,6 +241,7 @@ def main(argv=None) -> int:
                                storage_dtype=storage, overwrite=True)
             emit({**common, "run": run, "method": method, "init": over.get("init", "none"),
                   "hidden_loss": over["hidden_loss"], "post_ln": over.get("post_ln", method == "onebit"),
+                  "train_embeddings": over.get("train_embeddings", False),
                   "steps": tr.steps, "lr": args.lr, "batch": args.batch, "seq_len": seq_len,
                   "train_tokens": tr.tokens, "train_seconds": tr.seconds, "quantize_seconds": q_s,
                   "steps_per_second": tr.steps / tr.seconds if tr.seconds else None,
