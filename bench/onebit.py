@@ -6,7 +6,8 @@ For ref-10m (ctx 256) and stories260K (ctx 512), one table each:
   onebit × {svd, nmf, sign} × {hidden-state loss on, off}     the paper's layer (post-LayerNorm on)
   onebit nmf, post-LN off     ablation: the layer without its output LayerNorm
   bitnet                      Sign(W − mean W) · mean|W − mean W|, the same distillation (hidden loss on)
-  onebit svd / bitnet, +emb   the same two with the 16-bit embeddings trained too (the reference's full fine-tune)
+  onebit svd / bitnet, -emb   the same two with the 16-bit embeddings trained too (the reference's full
+                              fine-tune); opt-in: --resume --variants onebit-svd-emb bitnet-emb (≈ 10 min more)
 Perplexity on WikiText-2 and the held-out C4 rows (stories260K also on text sampled from the FP model,
 its own TinyStories domain), bits per weight, model bytes, training tokens and time. Every trained run
 distills on the same teacher-generated sequences (generated once per model, LLM-QAT style) for the same
@@ -148,8 +149,9 @@ def report(rows: list[dict], args, budget: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["ref-10m", "stories260K"])
-    p.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS],
-                   help="trained runs to include (default: all)")
+    p.add_argument("--variants", nargs="+", default=[v[0] for v in VARIANTS if not v[0].endswith("-emb")],
+                   help="trained runs to include (default: all but the -emb ones, which keep the default run under "
+                        "45 min; add them with --resume --variants onebit-svd-emb bitnet-emb)")
     p.add_argument("--steps", type=int, default=160, help="optimizer steps per trained run (all runs equal)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: the eval ctx)")
