@@ -7,6 +7,8 @@ Every projection becomes LayerNorm_noaffine[(X ⊙ g) · Wᵀ ⊙ h] with W the 
 BitNet-style layers after the same budget, the LayerNorm, not the sign, is what holds OneBit back there.
 
     python bench/onebit_structure.py     # ≈ 8 min on 2 cores; prints the table, writes BENCHMARKS.md "onebit_structure"
+    # the LayerNorm's ceiling at bench/onebit.py's longest budget (≈ 40 min): compare with onebit_2000's rows
+    python bench/onebit_structure.py --post-ln on --steps 2000 --samples 1024 --name onebit_structure_2000
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=160)
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--limit", type=int, default=64)
+    p.add_argument("--post-ln", choices=("both", "on", "off"), default="both")
+    p.add_argument("--name", default="onebit_structure", help="results/<name>.json and the BENCHMARKS section")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
     ids = self_generate(base.model, args.samples, ctx, batch_size=64, seed=0, progress=True)  # = bench/onebit.py's
     settings = DistillSettings(steps=args.steps, lr=1e-3, batch=4, seq_len=ctx, seed=0, hidden_loss=True)
     rows = []
-    for post_ln in (True, False):
+    for post_ln in {"both": (True, False), "on": (True,), "off": (False,)}[args.post_ln]:
         loaded, _ = load("ref-10m")
         m = loaded.model
         names = select_linears(m, "all")
@@ -82,11 +86,11 @@ def main(argv=None) -> int:
     text = fmt_table(rows, cols)
     print("\n" + text)
     if not args.no_write:
-        write_json("onebit_structure.json", rows)
+        write_json(f"{args.name}.json", rows)
         extra = (f"ref-10m, every attention and MLP projection; {args.steps} steps × 4 × {ctx} tokens of the same "
                  f"{args.samples} teacher-generated sequences as bench/onebit.py, LR 1e-3, hidden-state loss on; "
                  f"first {args.limit} windows of each text.")
-        write_section("onebit_structure", header("OneBit (issue 4): the post-LayerNorm with full-precision weights",
+        write_section(args.name, header("OneBit (issue 4): the post-LayerNorm with full-precision weights",
                                                  extra) + "\n" + text + "\n")
     return 0
 
