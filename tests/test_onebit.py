@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from bitnest.errors import BitnestError
@@ -35,6 +36,24 @@ def test_sign_pack_unpack_exact(shape, device):
     assert torch.equal(S, sign(W).float())
     assert S[0, 0] == 1.0 and set(S.unique().tolist()) <= {-1.0, 1.0}
     assert torch.equal(codes_to_sign(sign_codes(W)), S)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), n=st.integers(1, 70), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_sign_pack_property(rows, n, seed, dtype):
+    """Any width (padding bits), exact zeros and −0.0 (Sign = +1: IEEE −0.0 < 0 is false), any float dtype."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, n, generator=g)                            # (rows, n)
+    special = torch.rand(rows, n, generator=g)
+    W = torch.where(special < 0.1, 0.0, torch.where(special < 0.2, -0.0, W)).to(dtype)
+    packed = pack_signs(W)                                           # (rows, ceil(n/8)) uint8
+    assert packed.shape == (rows, (n + 7) // 8)
+    if n % 8:  # padding bits stay 0, so equal sign matrices give equal bytes
+        assert int((packed[:, -1] >> (n % 8)).max()) == 0
+    S = unpack_signs(packed, n, dtype)                               # (rows, n) ±1
+    assert S.dtype == dtype
+    assert torch.equal(S, torch.where(W.float() < 0, -1.0, 1.0).to(dtype))
 
 
 def test_sign_golden_bytes():
