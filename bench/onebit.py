@@ -143,7 +143,7 @@ def report(rows: list[dict], args, budget: str) -> None:
         title = "OneBit (issue 4)" if args.name == "onebit" else f"OneBit (issue 4): {args.name}"
         write_section(args.name, header(title, extra) + "\n" + text
                       + f"\n![OneBit training curves](bench/results/{png.name})\n")
-        print("wrote the onebit section of BENCHMARKS.md")
+        print(f"wrote the {args.name} section of BENCHMARKS.md")
 
 
 def main(argv=None) -> int:
