@@ -90,8 +90,10 @@ def main(argv=None) -> int:
         extra = (f"ref-10m, every attention and MLP projection; {args.steps} steps × 4 × {ctx} tokens of the same "
                  f"{args.samples} teacher-generated sequences as bench/onebit.py, LR 1e-3, hidden-state loss on; "
                  f"first {args.limit} windows of each text.")
-        write_section(args.name, header("OneBit (issue 4): the post-LayerNorm with full-precision weights",
-                                                 extra) + "\n" + text + "\n")
+        title = "OneBit (issue 4): the post-LayerNorm with full-precision weights"
+        if args.name != "onebit_structure":  # e.g. the 2000-step run: tell the sections apart
+            title += f", {args.steps} steps"
+        write_section(args.name, header(title, extra) + "\n" + text + "\n")
     return 0
 
 
