@@ -6,6 +6,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from kernel_tol import assert_close
+
+from bitnest import kernels
 from bitnest.errors import BitnestError
 from bitnest.grids.sign import (bits_per_weight, codes_to_sign, nmf, pack_signs, paper_bits_per_parameter,
                                 proposition2_errors, rank1_svd, sign, sign_codes, sign_ste, svid, unpack_signs)
@@ -137,7 +140,9 @@ def test_training_forward_equals_packed_forward(init, post_ln, bias, device):
         m.h.mul_(1 + 1e-4 * torch.randn_like(m.h))
     x = torch.randn(3, 5, 37, device=device)
     p = m.to_packed()
-    assert torch.equal(m(x), p(x))
+    with kernels.use("reference"):
+        assert torch.equal(m(x), p(x))
+    assert_close(p(x), m(x))
     assert p.g.dtype == p.h.dtype == torch.float16
     assert not any(t.shape == lin.weight.shape for t in p.state_dict().values())  # no FP weight stored
 
@@ -149,7 +154,9 @@ def test_bitnet_training_forward_equals_packed_forward(device):
         m = BitNetLinear.from_linear(lin, post_ln=post_ln)
         x = torch.randn(4, 40, device=device)
         p = m.to_packed()
-        assert torch.equal(m(x), p(x))
+        with kernels.use("reference"):
+            assert torch.equal(m(x), p(x))
+        assert_close(p(x), m(x))
         assert p.g is None and p.h.numel() == 1
         assert p.served_bits() == 24 * 40 + 16
     # the weight it computes with: Sign(W − μ) · β

@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import torch
 
+import dataclasses
+
+from .. import kernels
 from ..errors import BitnestError
-from ..kernels import reference
+from ..kernels.reference import fake_quant_sym, quant_act  # noqa: F401 — the activation grid, shared with calibration
 from .qlinear import QuantLinear
 
 ACT_MODES = ("dynamic", "static")
-
-
-def fake_quant_sym(x: torch.Tensor, s, bits: int = 8) -> torch.Tensor:
-    """Symmetric b-bit quantize-dequantize with scale s (broadcastable): s · clamp(round(x/s), −qmax, qmax)."""
-    qmax = (1 << (bits - 1)) - 1
-    return torch.round(x / s).clamp_(-qmax, qmax) * s
-
-
-def quant_act(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x̂ (…, in): per-token dynamic (scale None) or per-tensor static symmetric fake quantization."""
-    if scale is None:
-        qmax = (1 << (bits - 1)) - 1
-        scale = (x.detach().abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)  # (…, 1) per token
-    return fake_quant_sym(x, scale.to(x.dtype), bits)
 
 
 class ActQuantLinear(QuantLinear):
@@ -65,9 +54,12 @@ class ActQuantLinear(QuantLinear):
     def stored_bits(self) -> int:
         return super().stored_bits() + (0 if self.act_scale is None else 32)
 
+    @property
+    def packed(self) -> kernels.Affine:
+        return dataclasses.replace(super().packed, act_bits=self.act_bits, act_scale=self.act_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_hat = quant_act(x, self.act_bits, self.act_scale)  # (…, in) on the int8 grid
-        return reference.linear(x_hat, self.dequantized_weight(x.dtype), self.bias)
+        return kernels.linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", A{self.act_bits} {self.act_mode}"

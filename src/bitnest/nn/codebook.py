@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
 from ..formats.packing import pack, packed_len, unpack
 from ..grids.affine import AffineSpec, grouped
 from ..grids.codebook import TABLE_DTYPE, lookup
-from ..kernels import reference
 from .qlinear import fill
 
 
@@ -66,8 +66,12 @@ class CodebookLinear(nn.Module):
         s = 0 if self.scale is None else self.scale.numel() * 16
         return self.qweight.numel() * 8 + self.table.numel() * 16 + s
 
+    @property
+    def packed(self) -> kernels.Codebook:
+        return kernels.Codebook(self.qweight, self.bits, self.in_features, self.table, self.scale, self.group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return kernels.linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {self.codebook}, "

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.integer import QMAX, int8_matmul, multiplier_value, quantize_multiplier, requantize, simulate_requantize
+from .. import kernels
+from ..kernels import reference
+from ..kernels.integer import QMAX, int8_matmul, quantize_multiplier, requantize, simulate_requantize
 
 
 class IntLinear(nn.Module):
@@ -50,8 +52,12 @@ class IntLinear(nn.Module):
         m.y_scale.copy_(y_scale)
         return m
 
+    @property
+    def packed(self) -> kernels.Int8:
+        return kernels.Int8(self.qweight, self.M0, self.k, self.bias_q, self.x_scale, self.y_scale)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x.float() / self.x_scale).clamp_(-QMAX, QMAX).to(torch.int8)
+        return reference.int8_quantize_input(x, self.packed)
 
     def int_forward(self, x_q: torch.Tensor) -> torch.Tensor:
         """int8 (N, in) -> int8 (N, out), integers only."""
@@ -68,14 +74,11 @@ class IntLinear(nn.Module):
         return simulate_requantize(acc, self.M0.long(), self.k.long())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = self.quantize_input(x).reshape(-1, self.in_features)  # (N, in) int8
-        y = self.int_forward(x_q).float() * self.y_scale  # (N, out)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return kernels.linear(x, self.packed)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The effective float weight, W_q · s_w with s_w = M · s_y / s_x (for inspection)."""
-        s_w = multiplier_value(self.M0.long(), self.k.long()) * self.y_scale.double() / self.x_scale.double()
-        return (self.qweight.double() * s_w[:, None]).to(dtype)
+        return reference.int8_weight(self.packed, dtype)
 
     def layer_config(self) -> dict:
         return {"kind": self.kind, "bits": 8, "serve_bits": 8, "group_size": None, "in_features": self.in_features,

@@ -13,6 +13,11 @@ Two storage forms, one module (kind "matquant_ep" in the checkpoint):
               writes this form.
 Both dequantize with the parent's α, z: ŵ = α · (t · 2^(c−r) − z), t ∈ {0, …, 2^r}.
 
+Serving (kernels.Affine): r-bit codes clamped to 2^r − 1 plus the bucket as a CSR list over rows (int32 row
+pointers and columns), where the kernels add one step. For the nested form both are built when the width is
+set (like QuantLinear's working copy: c + r bits per weight and the list); for the standalone form the list is
+decoded from its bit-planes once. Neither is saved.
+
 Bits accounting (`served_bits`): what the standalone r-bit form stores — r bits per weight, α and z, and
 the list: ⌈log2 in⌉ · 8⌈k/8⌉ + count_bits · 8⌈out/8⌉ bits (for a 768 × 256 layer with 1% of its weights in
 the bucket: ≈ 0.08 + 0.02 bits per weight).
@@ -27,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from .. import kernels
 from ..errors import BitnestError
 from ..formats.packing import pack, packed_len, unpack
 from ..grids.affine import STORE_DTYPE, AffineSpec, dequantize, fit, grouped, quantize, round_ste, zero_point
@@ -93,6 +99,7 @@ class ExtraPrecisionLinear(nn.Module):
         self.register_buffer("extra_counts", torch.zeros(count_bits, packed_len(out_features, 1), dtype=torch.uint8,
                                                          device=device) if n_extra else None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._serving: tuple | None = None  # (key, Affine) built for the current width and codes
 
     @property
     def standalone(self) -> bool:
@@ -181,8 +188,46 @@ class ExtraPrecisionLinear(nn.Module):
             m.bias.data.copy_(self.bias.detach())
         return m
 
+    def set_serve_bits(self, r: int) -> None:
+        if self.standalone and r != self.serve_bits or not 1 <= r <= self.bits:
+            raise BitnestError(f"cannot serve this layer at {r} bits (stored: {self.bits}-bit "
+                               f"{'standalone slice' if self.standalone else 'codes'})")
+        self.serve_bits = r
+        self.packed  # noqa: B018 — build the serving form now
+
+    def _csr(self, counts: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rowptr = torch.zeros(self.out_features + 1, dtype=torch.int32, device=cols.device)
+        rowptr[1:] = torch.cumsum(counts, 0)
+        return rowptr, cols.to(torch.int32)
+
+    @property
+    def packed(self) -> kernels.Affine:
+        q = self.qweight
+        key = (self.serve_bits, q.data_ptr(), q._version, q.device)
+        if self._serving is None or self._serving[0] != key:
+            self._serving = None  # free the previous width's copy first
+            self._serving = (key, self._build_packed())
+        return self._serving[1]
+
+    def _build_packed(self) -> kernels.Affine:
+        c, r, K = self.parent_bits, self.serve_bits, self.in_features
+        rowptr = cols = None
+        if self.standalone:
+            codes = self.qweight
+            if self._n_extra:
+                rowptr, cols = self._csr(decode_planes(self.extra_counts, self.out_features),
+                                         decode_planes(self.extra_cols, self._n_extra))
+        elif r == c:
+            codes = self.qweight
+        else:  # S⁺(q, r) = 2^r exactly when q ≥ 2^c − 2^(c−r−1): those go to the list, the rest is the clamped slice
+            codes = kernels.slice_pack(self.qweight, c, r, K)  # (out, ⌈K·r/8⌉), clamped
+            top = unpack(self.qweight, c, K) >= (1 << c) - (1 << (c - r - 1))  # (out, K)
+            rowptr, cols = self._csr(top.sum(1), top.nonzero()[:, 1])
+        return kernels.Affine(codes, r if self.standalone or r < c else c, K, self.scale, self.zero,
+                              self.group_size, c, rowptr, cols)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.linear(x, self.dequantized_weight(x.dtype if x.is_floating_point() else torch.float32), self.bias)
+        return kernels.linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         form = f"standalone, {self._n_extra} extra" if self.standalone else f"nested in {self.bits}"

@@ -18,31 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import BitnestError
 from ..formats.packing import packed_len
 from ..grids.sign import VALUE_BITS, pack_signs, sign, sign_ste, svid, unpack_signs
+from ..kernels.reference import LN_EPS, sign_linear  # noqa: F401 — the one formula, shared by training and serving
 
 STORE_DTYPE = torch.float16  # g, h on disk
-LN_EPS = 1e-5
 INITS = ("nmf", "svd", "sign")
 LATENT_INITS = ("paper", "reference")
-
-
-def sign_linear(x: torch.Tensor, S: torch.Tensor, g: torch.Tensor | None, h: torch.Tensor | None,
-                bias: torch.Tensor | None, post_ln: bool) -> torch.Tensor:
-    """[(x ⊙ g) · Sᵀ] ⊙ h, then a parameter-free LayerNorm over the output features, then the bias.
-    x: (..., in), S: (out, in) ±1, g: (in,), h: (out,) or (1,)."""
-    dt = x.dtype
-    if g is not None:
-        x = x * g.to(dt)  # (..., in)
-    y = F.linear(x, S.to(dt))  # (..., out)
-    if h is not None:
-        y = y * h.to(dt)
-    if post_ln:
-        y = F.layer_norm(y, (y.shape[-1],), eps=LN_EPS)
-    if bias is not None:
-        y = y + bias.to(dt)
-    return y
 
 
 class _RoundFp16STE(torch.autograd.Function):
@@ -120,8 +104,12 @@ class PackedSignLinear(nn.Module):
 
     stored_bits = served_bits
 
+    @property
+    def packed(self) -> kernels.Sign:
+        return kernels.Sign(self.qweight, self.in_features, self.g, self.h, self.post_ln)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sign_linear(x, self.signs(x.dtype), self.g, self.h, self.bias, self.post_ln)
+        return kernels.linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.method}, "

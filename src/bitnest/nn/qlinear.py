@@ -4,14 +4,22 @@ Fields (all serialized in the checkpoint's quantization_config["modules"][name])
   bits         width of the stored codes (packing width)
   parent_bits  c, the width of the grid that `scale`/`zero` describe (== bits unless this is a stored
                r-bit slice of a c-bit Matryoshka grid)
-  serve_bits   r, the width served at inference; < bits only for a nested (Matryoshka) layer, whose c-bit
-               codes are sliced on the fly — one checkpoint, every precision
+  serve_bits   r, the width served at inference; < bits only for a nested (Matryoshka) layer — one
+               checkpoint, every precision
+
+Serving a nested layer at r < c: the r-bit slice S(q, r) of the c-bit codes is built once (`set_serve_bits`,
+or lazily at the first forward) into a working copy packed at r bits, so every forward reads r bits per weight,
+not c. Memory: c + r bits per weight (the codes plus one working copy); serving r = c needs no copy. The copy is
+a non-persistent buffer: checkpoints still hold only the c-bit codes. `cache_slices=True` keeps every width
+built so far (c + Σ r bits) so that switching back is free.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .. import kernels
+from ..errors import BitnestError
 from ..formats.packing import pack, packed_len
 from ..grids.affine import AffineSpec, STORE_DTYPE, fit, quantize
 from ..kernels import reference
@@ -42,6 +50,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", torch.ones(R, G, dtype=STORE_DTYPE, device=device))
         self.register_buffer("zero", None if symmetric else torch.zeros(R, G, dtype=STORE_DTYPE, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        # the r-bit working copy of a nested layer served at r < c (not saved); see the module docstring
+        self.register_buffer("qweight_r", None, persistent=False)
+        self._slice_of: tuple | None = None  # (r, identity of the codes it was sliced from)
+        self.cache_slices = False
+        self._slices: dict[int, torch.Tensor] = {}
 
     def _scale_shape(self) -> tuple[int, int]:
         g = self.group_size
@@ -81,11 +94,52 @@ class QuantLinear(nn.Module):
                    symmetric=cfg["symmetric"], parent_bits=cfg["parent_bits"], serve_bits=cfg["serve_bits"],
                    bias=cfg["bias"], device=device)
 
+    # ---------------------------------------------------------------- serving
+
+    @property
+    def nested(self) -> bool:
+        """Stores c-bit codes of its own grid (re-servable at any r ≤ c), not a standalone slice."""
+        return self.bits == self.parent_bits
+
+    def set_serve_bits(self, r: int) -> None:
+        """Serve at r bits from now on; builds the r-bit working copy now (not at the next forward)."""
+        if not isinstance(r, int) or not 1 <= r <= self.bits or (r != self.serve_bits and not self.nested):
+            raise BitnestError(f"cannot serve this layer at {r} bits: it stores {self.bits}-bit codes"
+                               + ("" if self.nested else " of a standalone slice (only its own width)"))
+        self.serve_bits = r
+        self._working_codes()
+
+    def _codes_id(self) -> tuple:
+        q = self.qweight
+        return (q.data_ptr(), q._version, q.device)
+
+    def _working_codes(self) -> torch.Tensor:
+        """The codes the kernels read: the stored ones, or the r-bit working copy of a nested layer."""
+        r = self.serve_bits
+        if r == self.bits:
+            self.qweight_r, self._slice_of = None, None
+            return self.qweight
+        src = self._codes_id()
+        if self._slice_of != (r, src):
+            if self._slices and self._slices.get("src") != src:
+                self._slices = {}
+            w = self._slices.get(r)
+            if w is None:
+                self.qweight_r = None  # free the previous copy before building the next
+                w = kernels.slice_pack(self.qweight, self.bits, r, self.in_features)  # (out, ⌈in·r/8⌉)
+            if self.cache_slices:
+                self._slices.update({r: w, "src": src})
+            self.qweight_r, self._slice_of = w, (r, src)
+        return self.qweight_r
+
+    @property
+    def packed(self) -> kernels.Affine:
+        return kernels.Affine(self._working_codes(), self.serve_bits, self.in_features, self.scale, self.zero,
+                              self.group_size, self.parent_bits)
+
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return reference.dequant_weight(self.qweight, self.scale, self.zero, bits=self.bits,
-                                        parent_bits=self.parent_bits, serve_bits=self.serve_bits,
-                                        group_size=self.group_size, symmetric=self.symmetric,
-                                        in_features=self.in_features, dtype=dtype)
+        """The weight this layer computes with, materialized (for inspection and tests; forward never does)."""
+        return reference.affine_weight(self.packed, dtype)
 
     def stored_bits(self) -> int:
         """Every stored bit of the quantized weight: packed codes, scales, zeros (bias excluded)."""
@@ -97,7 +151,7 @@ class QuantLinear(nn.Module):
         return self.stored_bits() - self.qweight.numel() * 8 + self.out_features * packed_len(self.in_features, self.serve_bits) * 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.linear(x, self.dequantized_weight(x.dtype if x.is_floating_point() else torch.float32), self.bias)
+        return kernels.linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
         s = f"in={self.in_features}, out={self.out_features}, bits={self.serve_bits}"

@@ -1,0 +1,198 @@
+"""The C++ CPU kernels (csrc/cpu_kernels.cpp): compiled on first use by torch's cpp_extension, cached.
+
+The build is keyed by a hash of the source, the flags, torch's version and this CPU's instruction-set flags, so
+a cache is never reused on a machine it was not built for. `-march=native` turns on what the CPU has
+(AVX-512 with VBMI/VNNI/BF16 on the machines we measure on); the kernels carry a portable path for the rest.
+Without a compiler (or with BITNEST_KERNELS=reference) `ext()` returns None after one notice on stderr, and
+every layer computes through the pure-torch reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        return next(l for l in open("/proc/cpuinfo") if l.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
+
+
+def _name() -> str:
+    h = hashlib.sha1()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(), _cpu_flags().encode()):
+        h.update(part)
+    return f"bitnest_cpu_{h.hexdigest()[:12]}"
+
+
+def disabled() -> bool:
+    return os.environ.get("BITNEST_KERNELS", "").lower() in ("reference", "ref", "off", "0")
+
+
+def ext():
+    """The compiled module, or None (reference path) when it cannot be built here."""
+    if disabled():
+        return None
+    if "mod" in _state:
+        return _state["mod"]
+    with _lock:
+        if "mod" not in _state:
+            _state["mod"] = _build()
+    return _state["mod"]
+
+
+def _build():
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = os.environ.get("BITNEST_BUILD_DIR")
+        if build_dir:
+            Path(build_dir).mkdir(parents=True, exist_ok=True)
+        return load(name=_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=build_dir, verbose=False)
+    except Exception as e:  # no compiler, no ninja, unsupported flags: fall back, say so once
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        msg = next((l.strip() for l in lines if "error" in l.lower() and "ninja" not in l), lines[-1])[:200]
+        print(f"bitnest: C++ CPU kernels unavailable ({msg}); using the pure-torch reference path (slower)",
+              file=sys.stderr)
+        _state["error"] = msg
+        return None
+
+
+def available() -> bool:
+    return ext() is not None
+
+
+def has_avx512() -> bool:
+    m = ext()
+    return bool(m is not None and m.has_avx512())
+
+
+# ------------------------------------------------------------------------------------------ paths
+# Batches of up to GEMV_MAX_ROWS rows run the packed GEMV/GEMM kernels (they read the packed weight once per
+# call and are memory-bound); larger batches (prefill, evaluation) dequantize the weight tile by tile in the
+# activations' dtype and multiply with torch.mm, which is compute-bound and fastest in oneDNN. A tile of
+# TILE_BYTES stays in cache between its dequantization and its use; nothing outlives the call.
+GEMV_MAX_ROWS = 16
+TILE_BYTES = 1 << 22
+
+
+def _simd() -> bool:
+    return os.environ.get("BITNEST_CPU_SIMD", "1") != "0"
+
+
+def _rows2d(x: torch.Tensor, n_in: int) -> torch.Tensor:
+    return x.reshape(-1, n_in)
+
+
+def _mm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMM dtype of the tiled path: bf16 and fp32 as given; fp16/others in fp32 (no fast CPU fp16 GEMM)."""
+    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def tiled_mm(x2: torch.Tensor, n_out: int, tile_fn, dtype: torch.dtype) -> torch.Tensor:
+    """y (M, n_out) = x2 · Ŵᵀ with Ŵ produced tile by tile: tile_fn(r0, r1) -> (r1 − r0, in) in `dtype`."""
+    xm = x2.to(dtype)
+    rows = max(16, min(n_out, TILE_BYTES // (x2.shape[1] * torch.finfo(dtype).bits // 8)))
+    yT = torch.empty(n_out, x2.shape[0], dtype=dtype)  # (out, M): each tile fills whole rows
+    for r0 in range(0, n_out, rows):
+        r1 = min(n_out, r0 + rows)
+        torch.mm(tile_fn(r0, r1), xm.t(), out=yT[r0:r1])
+    return yT.t()
+
+
+def _affine_args(p):
+    return (p.qweight, p.bits, p.in_features, p.scale, p.zero, p.implicit_zero,
+            -1 if p.group_size in (None, -1) else p.group_size, p.shift, p.extra_rowptr, p.extra_cols)
+
+
+def _check_affine(p) -> None:
+    if p.scale.dtype != torch.float16 or (p.zero is not None and p.zero.dtype != torch.float16):
+        raise TypeError("packed scales must be float16")
+
+
+def affine(x: torch.Tensor, p) -> torch.Tensor:
+    from .reference import affine_input
+    x = affine_input(x, p)
+    x2 = _rows2d(x, p.in_features)
+    m = ext()
+    args = _affine_args(p)
+    if x2.shape[0] <= GEMV_MAX_ROWS:
+        y = m.affine_linear(x2, *args, _simd())
+    else:
+        y = tiled_mm(x2, p.out_features, lambda r0, r1: m.affine_dequant(*args, r0, r1, _mm_dtype(x), _simd()), _mm_dtype(x))
+    return y.to(x.dtype).reshape(*x.shape[:-1], p.out_features)
+
+
+_SIGN_GRID: dict = {}
+
+
+def _sign_as_affine(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sign bit q (1 = negative) is the 1-bit affine code of ŵ = α(q − z) with α = −2, z = ½ (both exact in
+    float16), so sign layers share the affine kernels."""
+    if device not in _SIGN_GRID:
+        _SIGN_GRID[device] = (torch.full((1, 1), -2.0, dtype=torch.float16, device=device),
+                              torch.full((1, 1), 0.5, dtype=torch.float16, device=device))
+    return _SIGN_GRID[device]
+
+
+def sign(x: torch.Tensor, p) -> torch.Tensor:
+    from .reference import sign_epilogue
+    x2 = _rows2d(x, p.in_features)
+    m = ext()
+    if x2.shape[0] <= GEMV_MAX_ROWS:
+        u = x2 if p.g is None else x2.float() * p.g.float()  # (M, in)
+        scale, zero = _sign_as_affine(x.device)
+        y = m.affine_linear(u, p.qweight, 1, p.in_features, scale, zero, 0.0, -1, 0, None, None, _simd())
+        if p.h is not None:
+            y = y * p.h.float()
+        y = y.to(x.dtype)
+    else:
+        dt = _mm_dtype(x)
+        u = x2.to(dt) if p.g is None else x2.to(dt) * p.g.to(dt)  # (M, in)
+        y = tiled_mm(u, p.out_features, lambda r0, r1: m.sign_dequant(p.qweight, p.in_features, r0, r1, dt, _simd()), dt)
+        if p.h is not None:
+            y = y * p.h.to(dt)
+        y = y.to(x.dtype)
+    return sign_epilogue(y.reshape(*x.shape[:-1], p.out_features), p.post_ln, None)
+
+
+def codebook(x: torch.Tensor, p) -> torch.Tensor:
+    x2 = _rows2d(x, p.in_features)
+    m = ext()
+    g = -1 if p.group_size in (None, -1) else p.group_size
+    if x2.shape[0] <= GEMV_MAX_ROWS:
+        y = m.codebook_linear(x2, p.qweight, p.bits, p.in_features, p.table, p.scale, g, _simd())
+    else:
+        dt = _mm_dtype(x)
+        y = tiled_mm(x2, p.out_features, lambda r0, r1: m.codebook_dequant(p.qweight, p.bits, p.in_features, p.table,
+                                                                            p.scale, g, r0, r1, dt, _simd()), dt)
+    return y.to(x.dtype).reshape(*x.shape[:-1], p.out_features)
+
+
+def int8(x: torch.Tensor, p) -> torch.Tensor:
+    from .reference import int8_quantize_input
+    x_q = int8_quantize_input(x, p).reshape(-1, p.in_features)  # (N, in) int8
+    m = ext()
+    if x_q.shape[0] > GEMV_MAX_ROWS and p.in_features % 64 == 0 and p.out_features % 8 == 0:
+        acc = torch._int_mm(x_q, p.qweight.t())  # torch's int8 GEMM (oneDNN) on a transposed view, never a copy
+    else:  # (and any shape _int_mm mishandles: it returns garbage for tiny K on the transposed view)
+        acc = m.int8_linear(x_q, p.qweight, _simd())
+    y = m.int8_requantize(acc.contiguous(), p.bias_q, p.M0, p.k, p.y_scale, x.dtype)
+    return y.reshape(*x.shape[:-1], p.out_features)
+
+
+def slice_pack(qweight: torch.Tensor, c: int, r: int, in_features: int, clamp: bool = True) -> torch.Tensor:
+    return ext().slice_pack(qweight, c, r, in_features, clamp)

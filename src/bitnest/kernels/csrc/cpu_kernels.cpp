@@ -1,0 +1,1129 @@
+// bitnest CPU kernels: matmul on packed weights, read in their canonical checkpoint layout
+// (formats/packing.py: b-bit codes, LSB-first bit stream per row, rows padded to whole bytes).
+//
+//   affine     y[m,i] = Σ_g α'_ig Σ_{j∈g} (q_ij + o) x_mj − Σ_g α'_ig (z'_ig + o) S_mg
+//              α' = α·2^shift and z' = z/2^shift (an r-bit slice of a c-bit grid; both exact in fp32),
+//              S_mg = Σ_{j∈g} x_mj (summed in double once per call), o the offset the code→float trick adds
+//   sign       y[m,i] = h_i (U_m − 2 Σ_{j: bit=1} u_mj), u = x ⊙ g, U_m = Σ_j u_mj        (OneBit / BitNet)
+//   codebook   y[m,i] = Σ_g s_ig Σ_{j∈g} T_ig[q_ij] x_mj
+//   int8       acc[m,i] = Σ_j xq_mj wq_ij, exact int32                                      (integer-only layers)
+// plus the conversions the runtime needs: dequantize rows to a dense tile (large batches multiply it with
+// at::mm tile by tile), and slice c-bit codes to r bits and pack them (Matryoshka precision switch).
+//
+// Vector path (AVX-512 F/BW/VBMI; VNNI for int8): 64 b-bit codes are unpacked by vpermb (bytes k·b .. k·b+b−1,
+// the 8 codes of qword lane k, into lane k) and vpmultishiftqb (byte i of a lane = the 8 stream bits from
+// i·b − (7 − b)), which leaves code i at bits 7−b..6 of byte i. One ternary-logic op masks it and sets bit 7 to
+// the low bit of the exponent 127 + b, and one masked vpermb per 16 codes moves the byte into byte 2 of a
+// dword whose byte 3 holds the rest of the exponent: the fp32 bit pattern of exactly 2^b + q. So a code
+// becomes a float in ~1.3 instructions and every product is an fp32 FMA: the result equals F.linear on the
+// dequantized weight up to summation order (the offset o = 2^b cancels against o·S, costing ~2 bits at
+// most). 8-bit codes are centred (q − 128, o = −128) and converted by vpmovsxbd + vcvtdq2ps.
+// Plain loads are used wherever the 64 bytes lie inside the buffer: masked byte loads are several times
+// slower on the CPUs we measure. Portable path: plain C++ (any CPU; the tests run it with simd=false).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#define BITNEST_AVX512 1
+#else
+#define BITNEST_AVX512 0
+#endif
+
+#ifndef BN_NUS
+#define BN_NUS 2
+#endif
+#ifndef BN_PFD
+#define BN_PFD 2048
+#endif
+#define BN_INLINE __attribute__((always_inline)) inline
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+inline float h2f(at::Half h) { return static_cast<float>(h); }
+
+// Code j of a row (b-bit LSB-first stream). Reads the byte after the code's first byte only when the code
+// straddles it, which never leaves the row.
+inline uint32_t code_at(const uint8_t* row, int64_t j, int b) {
+  const int64_t bit = j * b;
+  const int off = static_cast<int>(bit & 7);
+  uint32_t v = row[bit >> 3];
+  if (off + b > 8) v |= static_cast<uint32_t>(row[(bit >> 3) + 1]) << 8;
+  return (v >> off) & ((1u << b) - 1u);
+}
+
+inline float dot_scalar(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+inline int64_t grain_rows(int64_t N, int64_t work_per_row) {
+  // One thread below ~256k multiply-adds (a hand-off costs more than that), else at least 4 chunks per thread.
+  const int64_t min_rows = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, work_per_row));
+  const int64_t per_thread = N / (4 * std::max(1, at::get_num_threads()));
+  return std::max(min_rows, std::max<int64_t>(1, per_thread));
+}
+
+#if BITNEST_AVX512
+inline __m512i load64(const uint8_t* src, __mmask64 ld, const uint8_t* end) {
+  return src + 64 <= end ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi8(ld, src);
+}
+
+BN_INLINE __m128i lane128(__m512i v, int k) {
+  switch (k) {
+    case 0: return _mm512_castsi512_si128(v);
+    case 1: return _mm512_extracti32x4_epi32(v, 1);
+    case 2: return _mm512_extracti32x4_epi32(v, 2);
+    default: return _mm512_extracti32x4_epi32(v, 3);
+  }
+}
+
+// 64 b-bit codes -> 4 × 16 floats of (q + offset()), code k of the chunk in lane k % 16 of vector k / 16.
+struct Codes64 {
+  __m512i perm, shifts, mask, lowbit, expword, idx[4], centre;
+  __mmask64 ld;
+  int b;
+  const uint8_t* end;  // one past the packed buffer
+  Codes64(int bits, const uint8_t* buffer_end) : b(bits), end(buffer_end) {
+    alignas(64) uint8_t p[64], s[64], ix[4][64];
+    for (int k = 0; k < 8; ++k)
+      for (int i = 0; i < 8; ++i) {
+        p[8 * k + i] = static_cast<uint8_t>(std::min(k * b + i, 63));
+        s[8 * k + i] = static_cast<uint8_t>((i * b - (7 - b) + 64) % 64);  // code i's LSB lands on bit 7 − b
+      }
+    for (int v = 0; v < 4; ++v)
+      for (int d = 0; d < 16; ++d)
+        for (int e = 0; e < 4; ++e) ix[v][4 * d + e] = static_cast<uint8_t>(16 * v + d);  // byte 2 of dword d
+    perm = _mm512_load_si512(p);
+    shifts = _mm512_load_si512(s);
+    for (int v = 0; v < 4; ++v) idx[v] = _mm512_load_si512(ix[v]);
+    const int exp = 127 + (b < 8 ? b : 0);
+    mask = _mm512_set1_epi8(static_cast<char>(((1 << b) - 1) << (7 - std::min(b, 7))));
+    lowbit = _mm512_set1_epi8(static_cast<char>((exp & 1) << 7));
+    expword = _mm512_set1_epi32((exp >> 1) << 24);
+    centre = _mm512_set1_epi8(static_cast<char>(0x80));
+    ld = b == 8 ? ~0ULL : ((1ULL << (8 * b)) - 1ULL);
+  }
+  float offset() const { return b < 8 ? static_cast<float>(1 << b) : -128.f; }
+  BN_INLINE void operator()(const uint8_t* src, __m512* w) const {
+    const __m512i raw = load64(src, ld, end);
+    if (b < 8) {
+      __m512i v = _mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(perm, raw));
+      v = _mm512_ternarylogic_epi64(v, mask, lowbit, 0xEA);  // (v & mask) | lowbit
+      for (int k = 0; k < 4; ++k)
+        w[k] = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(expword, 0x4444444444444444ULL, idx[k], v));
+    } else {
+      const __m512i c = _mm512_xor_si512(raw, centre);  // q − 128 as a signed byte
+      for (int k = 0; k < 4; ++k) w[k] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lane128(c, k)));
+    }
+  }
+};
+
+// 64 b-bit codes -> 64 bytes (plain unpack, for table look-ups)
+struct Unpack64 {
+  __m512i perm, shifts, mask;
+  __mmask64 ld;
+  int b;
+  const uint8_t* end;
+  Unpack64(int bits, const uint8_t* buffer_end) : b(bits), end(buffer_end) {
+    alignas(64) uint8_t p[64], s[64];
+    for (int k = 0; k < 8; ++k)
+      for (int i = 0; i < 8; ++i) {
+        p[8 * k + i] = static_cast<uint8_t>(std::min(k * b + i, 63));
+        s[8 * k + i] = static_cast<uint8_t>(i * b);
+      }
+    perm = _mm512_load_si512(p);
+    shifts = _mm512_load_si512(s);
+    mask = _mm512_set1_epi8(static_cast<char>((1 << b) - 1));
+    ld = b == 8 ? ~0ULL : ((1ULL << (8 * b)) - 1ULL);
+  }
+  BN_INLINE __m512i operator()(const uint8_t* src) const {
+    const __m512i raw = load64(src, ld, end);
+    if (b == 8) return raw;
+    return _mm512_and_si512(_mm512_multishift_epi64_epi8(shifts, _mm512_permutexvar_epi8(perm, raw)), mask);
+  }
+};
+
+template <typename T>
+BN_INLINE void store16(T* dst, __m512 v) {
+  if constexpr (std::is_same<T, float>::value) {
+    _mm512_storeu_ps(dst, v);
+  } else if constexpr (std::is_same<T, at::Half>::value) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+#if defined(__AVX512BF16__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+    alignas(64) float t[16];
+    _mm512_store_ps(t, v);
+    for (int e = 0; e < 16; ++e) dst[e] = static_cast<T>(t[e]);
+#endif
+  }
+}
+
+inline __m512 sum_vectors(const __m512* v, int n) {
+  __m512 s = v[0];
+  for (int u = 1; u < n; ++u) s = _mm512_add_ps(s, v[u]);
+  return s;
+}
+#endif
+
+// ------------------------------------------------------------------------------------------ affine weights
+
+struct Affine {
+  const uint8_t* qw;      // (N, row_bytes)
+  int64_t row_bytes, N, K;
+  int b;                  // width of the stored codes
+  const at::Half* scale;  // (R, G): α
+  const at::Half* zero;   // (R, G): z on the parent grid, or nullptr (symmetric: z = zc)
+  int64_t srow;           // scale row stride: G, or 0 for per-tensor
+  int64_t gsz;            // group size along K (K for per-channel / per-tensor)
+  float zc;               // implicit zero point (symmetric) on the parent grid
+  float mult;             // 2^shift: codes are r-bit slices of a c-bit grid
+  // Extra-precision bucket (CSR over rows): t = 2^r is stored as 2^r − 1, so ŵ_ij gains α'_ig at these j
+  const int32_t* ep_rowptr = nullptr;
+  const int32_t* ep_cols = nullptr;
+
+  int64_t groups() const { return K / gsz; }
+  float alpha(int64_t i, int64_t g) const { return h2f(scale[i * srow + g]) * mult; }
+  float zprime(int64_t i, int64_t g) const { return (zero ? h2f(zero[i * srow + g]) : zc) / mult; }
+  const uint8_t* row(int64_t i) const { return qw + i * row_bytes; }
+  const uint8_t* end() const { return qw + N * row_bytes; }
+  bool simd_ok() const { return BITNEST_AVX512 && K % 64 == 0 && gsz % 16 == 0; }
+};
+
+Affine affine_args(const Tensor& qweight, int64_t bits, int64_t K, const Tensor& scale, const optional<Tensor>& zero,
+                   double zc, int64_t group_size, int64_t shift, const optional<Tensor>& ep_rowptr,
+                   const optional<Tensor>& ep_cols) {
+  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2, "qweight: contiguous (N, bytes) uint8");
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits in 1..8");
+  TORCH_CHECK(qweight.size(1) == (K * bits + 7) / 8, "qweight row length does not match K and bits");
+  TORCH_CHECK(scale.dtype() == at::kHalf && scale.is_contiguous(), "scale: contiguous float16");
+  Affine a;
+  a.qw = qweight.data_ptr<uint8_t>();
+  a.row_bytes = qweight.size(1);
+  a.N = qweight.size(0);
+  a.K = K;
+  a.b = static_cast<int>(bits);
+  a.scale = scale.data_ptr<at::Half>();
+  a.zero = nullptr;
+  if (zero.has_value() && zero->defined()) {
+    TORCH_CHECK(zero->dtype() == at::kHalf && zero->is_contiguous() && zero->numel() == scale.numel(), "zero: float16 like scale");
+    a.zero = zero->data_ptr<at::Half>();
+  }
+  a.gsz = group_size > 0 ? group_size : K;
+  TORCH_CHECK(K % a.gsz == 0, "group size must divide K");
+  TORCH_CHECK(scale.numel() == a.N * a.groups() || scale.numel() == 1, "scale has the wrong number of entries");
+  a.srow = scale.numel() == 1 ? 0 : a.groups();
+  a.zc = static_cast<float>(zc);
+  a.mult = std::ldexp(1.0f, static_cast<int>(shift));
+  if (ep_rowptr.has_value() && ep_rowptr->defined()) {
+    TORCH_CHECK(ep_rowptr->dtype() == at::kInt && ep_rowptr->numel() == a.N + 1 && ep_cols.has_value() &&
+                ep_cols->dtype() == at::kInt, "extra-precision lists: int32 row pointers (N + 1) and columns");
+    a.ep_rowptr = ep_rowptr->data_ptr<int32_t>();
+    a.ep_cols = ep_cols->data_ptr<int32_t>();
+  }
+  return a;
+}
+
+// S[m, g] = Σ_{j∈g} x[m, j], summed in double: o·S cancels against Σ (q + o) x, so S must carry no error of its own
+std::vector<float> group_sums(const float* X, int64_t M, int64_t K, int64_t gsz) {
+  const int64_t G = K / gsz;
+  std::vector<float> S(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      double s = 0.0;
+      const float* x = X + m * K + g * gsz;
+      for (int64_t j = 0; j < gsz; ++j) s += x[j];
+      S[m * G + g] = static_cast<float>(s);
+    }
+  return S;
+}
+
+// α'_g and the zero-point terms α'_g (z'_g + off) of row i, for every group (vectorized: these are per-row
+// costs that would otherwise rival the matmul itself for short rows and small groups)
+void row_params(const Affine& a, int64_t i, float off, float* alpha, float* zterm) {
+  const int64_t G = a.groups();
+  const at::Half* sc = a.scale + i * a.srow;
+  const at::Half* ze = a.zero ? a.zero + i * a.srow : nullptr;
+  const float inv = 1.0f / a.mult;  // a power of two: exact
+  int64_t g = 0;
+#if BITNEST_AVX512
+  const __m512 vm = _mm512_set1_ps(a.mult), vi = _mm512_set1_ps(inv), vo = _mm512_set1_ps(off);
+  for (; g < G; g += 16) {
+    const __mmask16 k = G - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - g)) - 1u);
+    const __m512 va = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + g)), vm);
+    const __m512 vz = ze ? _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ze + g)), vi) : _mm512_set1_ps(a.zc * inv);
+    _mm512_mask_storeu_ps(alpha + g, k, va);
+    _mm512_mask_storeu_ps(zterm + g, k, _mm512_mul_ps(va, _mm512_add_ps(vz, vo)));
+  }
+#endif
+  for (; g < G; ++g) {
+    alpha[g] = h2f(sc[g]) * a.mult;
+    zterm[g] = alpha[g] * ((ze ? h2f(ze[g]) : a.zc) * inv + off);
+  }
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t j = 0;
+  float s = 0.f;
+#if BITNEST_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+struct Codebook {
+  const uint8_t* qw;
+  int64_t row_bytes, N, K, gsz;
+  int b;
+  const at::Half* table;  // (Rt, Gt, 2^b)
+  int64_t trow, tgrp;     // strides between tables (0 when shared)
+  const at::Half* scale;  // (R, G) or nullptr
+  int64_t srow;
+  void table_at(int64_t i, int64_t g, float* T) const {
+    const at::Half* t = table + (i * trow + g * tgrp) * (1 << b);
+    for (int e = 0; e < (1 << b); ++e) T[e] = h2f(t[e]);
+  }
+  float scale_at(int64_t i, int64_t g) const { return scale ? h2f(scale[i * srow + g]) : 1.f; }
+};
+
+Codebook codebook_args(const Tensor& qweight, int64_t bits, int64_t K, const Tensor& table, const optional<Tensor>& scale,
+                       int64_t group_size) {
+  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.is_contiguous() && qweight.size(1) == (K * bits + 7) / 8, "codebook qweight");
+  TORCH_CHECK(table.dtype() == at::kHalf && table.is_contiguous() && table.dim() == 3 && table.size(2) == (1 << bits), "table");
+  Codebook c;
+  c.qw = qweight.data_ptr<uint8_t>();
+  c.row_bytes = qweight.size(1);
+  c.N = qweight.size(0);
+  c.K = K;
+  c.b = static_cast<int>(bits);
+  c.gsz = group_size > 0 ? group_size : K;
+  TORCH_CHECK(K % c.gsz == 0, "group size must divide K");
+  const int64_t G = K / c.gsz;
+  c.table = table.data_ptr<at::Half>();
+  c.trow = table.size(0) == 1 ? 0 : table.size(1);
+  c.tgrp = table.size(1) == 1 ? 0 : 1;
+  TORCH_CHECK((table.size(0) == 1 || table.size(0) == c.N) && (table.size(1) == 1 || table.size(1) == G), "table shape");
+  c.scale = nullptr;
+  c.srow = 0;
+  if (scale.has_value() && scale->defined()) {
+    TORCH_CHECK(scale->dtype() == at::kHalf && scale->is_contiguous(), "codebook scale: float16");
+    TORCH_CHECK(scale->numel() == 1 || scale->numel() == c.N * G, "codebook scale shape");
+    c.scale = scale->data_ptr<at::Half>();
+    c.srow = scale->numel() == 1 ? 0 : G;
+  }
+  return c;
+}
+
+void affine_rows_scalar(const Affine& a, const float* X, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  const int64_t K = a.K, G = a.groups();
+  std::vector<float> w(K);
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint8_t* row = a.row(i);
+    for (int64_t j = 0; j < K; ++j) w[j] = static_cast<float>(code_at(row, j, a.b));
+    for (int64_t m = 0; m < M; ++m) {
+      float y = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const float al = a.alpha(i, g);
+        y += al * dot_scalar(w.data() + g * a.gsz, X + m * K + g * a.gsz, a.gsz) - al * a.zprime(i, g) * S[m * G + g];
+      }
+      Y[m * a.N + i] = y;
+    }
+  }
+}
+
+#if BITNEST_AVX512
+// ---- "spread" kernels: widths whose codes tile 32-bit lanes (b = 1, 2, 3, 4, 6, 8) -------------------------
+// A block of 16 dwords (64 bytes; 48 for b = 3, 6, spread 3 bytes per dword by one vpermb) holds ND codes per
+// dword. Code k of every dword becomes 16 floats with one shift and one ternary-logic op: shifted to bits
+// 23−b..22 and OR'ed with the exponent 127 + b, the fp32 bit pattern is exactly 2^b + q. No shuffle in the
+// inner loop, so the kernel keeps pace with memory. Vector k holds block elements d·ND + k (d = 0..15): x is
+// permuted the same way once per call. Lane d's ND elements lie in one group whenever g is a multiple of ND,
+// so groups smaller than a block are folded per block with a per-lane α vector.
+template <int B>
+struct Spread {
+  static constexpr bool PERM = B == 3 || B == 6;
+  static constexpr int ND = (PERM ? 24 : 32) / B;  // codes per dword
+  static constexpr int BYTES = PERM ? 48 : 64;     // bytes per block
+  static constexpr int E = 16 * ND;                // codes per block
+  __m512i perm, mask, expc;
+  __mmask64 ld;
+  const uint8_t* end;
+  explicit Spread(const uint8_t* buffer_end) : end(buffer_end) {
+    alignas(64) uint8_t p[64];
+    for (int d = 0; d < 16; ++d)
+      for (int e = 0; e < 4; ++e) p[4 * d + e] = static_cast<uint8_t>(3 * d + std::min(e, 2));
+    perm = _mm512_load_si512(p);
+    mask = _mm512_set1_epi32(((1 << B) - 1) << (23 - B));
+    expc = _mm512_set1_epi32((127 + B) << 23);
+    ld = BYTES == 64 ? ~0ULL : ((1ULL << BYTES) - 1ULL);
+  }
+  BN_INLINE __m512i block(const uint8_t* src) const {
+    const __m512i raw = load64(src, ld, end);
+    return PERM ? _mm512_permutexvar_epi8(perm, raw) : raw;
+  }
+  template <int K>
+  BN_INLINE __m512 code(__m512i dw) const {  // code K of every dword as fp32 2^b + q
+    constexpr int sh = 23 - B - K * B;
+    const __m512i v = sh >= 0 ? _mm512_slli_epi32(dw, sh) : _mm512_srli_epi32(dw, -sh);
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, mask, expc, 0xEA));  // (v & mask) | expc
+  }
+};
+
+// x (M, K) -> block-major, the order of the spread vectors: xp[(β·M + m)·E + 16k + d] = x[m, β·E + d·ND + k].
+// A block's activations for all M rows are contiguous, so the kernel addresses them with one base pointer and
+// compile-time offsets.
+std::vector<float> spread_x(const float* X, int64_t M, int64_t K, int nd) {
+  std::vector<float> xp(M * K);
+  const int64_t E = 16 * nd;
+  for (int64_t b0 = 0; b0 < K / E; ++b0)
+    for (int64_t m = 0; m < M; ++m) {
+      float* o = xp.data() + (b0 * M + m) * E;
+      const float* x = X + m * K + b0 * E;
+      for (int k = 0; k < nd; ++k)
+        for (int d = 0; d < 16; ++d) o[16 * k + d] = x[d * nd + k];
+    }
+  return xp;
+}
+
+// xb: the block's activations of the pass's first row; row m at xb + m·E
+template <int B, int MB, int NU, int K_>
+BN_INLINE void spread_codes(const Spread<B>& sp, __m512i dw, const float* xb, __m512 (&acc)[MB][NU]) {
+  const __m512 w = sp.template code<K_>(dw);
+  for (int m = 0; m < MB; ++m)
+    acc[m][K_ % NU] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * Spread<B>::E + 16 * K_), acc[m][K_ % NU]);
+  if constexpr (K_ + 1 < Spread<B>::ND) spread_codes<B, MB, NU, K_ + 1>(sp, dw, xb, acc);
+}
+
+// Decoders: one weight format as the spread kernel sees it — per-row state, the per-group fold factor, and
+// how code K of every dword becomes 16 floats.
+template <int B_>
+struct AffineDec {  // ŵ = α'((2^b + q) − (z' + 2^b)): accumulate Σ (2^b + q) x, fold α' per group, subtract the z terms
+  static constexpr int B = B_;
+  using SP = Spread<B>;
+  const Affine& a;
+  const SP sp;
+  std::vector<float> alpha, zterm;  // of the current row
+  explicit AffineDec(const Affine& a_) : a(a_), sp(a_.end()), alpha(a_.groups() + 16), zterm(a_.groups() + 16) {}
+  int64_t K() const { return a.K; }
+  int64_t N() const { return a.N; }
+  int64_t gsz() const { return a.gsz; }
+  const uint8_t* row(int64_t i) const { return a.row(i); }
+  bool whole() const { return a.gsz == a.K; }  // per channel / tensor: α' once, at the end
+  bool tables_per_group() const { return false; }
+  void load_row(int64_t i) { row_params(a, i, static_cast<float>(1 << B), alpha.data(), zterm.data()); }
+  void group_start(int64_t, int64_t) {}
+  const float* scales() const { return alpha.data(); }
+  template <int K_>
+  BN_INLINE __m512 decode(__m512i dw) const { return sp.template code<K_>(dw); }
+  float finish(int64_t m, float y, const float* S) const {
+    const int64_t G = a.groups();
+    return (whole() ? alpha[0] * y : y) - dot_f32(zterm.data(), S + m * G, G);
+  }
+};
+
+template <int B_>
+struct CodebookDec {  // ŵ = s · T[q]: code K of a dword, shifted down, indexes a table held in one register
+  static constexpr int B = B_;
+  using SP = Spread<B>;
+  const Codebook& c;
+  const SP sp;
+  __m512 T;              // the current table, its 2^b entries repeated to 16 (vpermps reads 4 index bits)
+  std::vector<float> s;  // the current row's scales
+  explicit CodebookDec(const Codebook& c_) : c(c_), sp(c_.qw + c_.N * c_.row_bytes), s(c_.K / c_.gsz + 16, 1.f) {}
+  int64_t K() const { return c.K; }
+  int64_t N() const { return c.N; }
+  int64_t gsz() const { return c.gsz; }
+  const uint8_t* row(int64_t i) const { return c.qw + i * c.row_bytes; }
+  bool whole() const { return c.scale == nullptr && !tables_per_group(); }
+  bool tables_per_group() const { return c.tgrp != 0; }
+  void load_table(int64_t i, int64_t g) {
+    alignas(64) float t[16];
+    float e[16];
+    c.table_at(i, g, e);
+    for (int l = 0; l < 16; ++l) t[l] = e[l % (1 << B)];
+    T = _mm512_load_ps(t);
+  }
+  void load_row(int64_t i) {
+    if (!tables_per_group()) load_table(i, 0);
+    if (c.scale)
+      for (int64_t g = 0; g < c.K / c.gsz; ++g) s[g] = c.scale_at(i, g);
+  }
+  void group_start(int64_t i, int64_t g) {
+    if (tables_per_group()) load_table(i, g);
+  }
+  const float* scales() const { return s.data(); }
+  template <int K_>
+  BN_INLINE __m512 decode(__m512i dw) const { return _mm512_permutexvar_ps(_mm512_srli_epi32(dw, K_ * B), T); }
+  float finish(int64_t, float y, const float*) const { return y; }
+};
+
+// xb: the block's activations of the pass's first row; row m at xb + m·E
+template <class D, int MB, int NU, int K_>
+BN_INLINE void spread_block(const D& d, __m512i dw, const float* xb, __m512 (&acc)[MB][NU]) {
+  const __m512 w = d.template decode<K_>(dw);
+  for (int m = 0; m < MB; ++m)
+    acc[m][K_ % NU] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * D::SP::E + 16 * K_), acc[m][K_ % NU]);
+  if constexpr (K_ + 1 < D::SP::ND) spread_block<D, MB, NU, K_ + 1>(d, dw, xb, acc);
+}
+
+template <class D>
+struct SpreadKernel {
+  using SP = typename D::SP;
+  D& d;
+  const int64_t nblocks, bpg, gpb;  // blocks per group (groups ≥ a block), groups per block (smaller groups)
+  const bool whole;
+  __m512i lane_idx;
+  explicit SpreadKernel(D& d_)
+      : d(d_), nblocks(d_.K() / SP::E), bpg(d_.gsz() % SP::E == 0 ? d_.gsz() / SP::E : 1),
+        gpb(d_.gsz() % SP::E == 0 ? 0 : SP::E / d_.gsz()), whole(d_.whole()) {
+    alignas(64) int32_t lane_group[16];  // lane d's group relative to its block's first group
+    for (int l = 0; l < 16; ++l) lane_group[l] = static_cast<int32_t>((l * SP::ND) / d.gsz());
+    lane_idx = _mm512_load_si512(lane_group);
+  }
+  // Segment unit: a segment holds whole groups (or whole blocks, for groups smaller than a block)
+  int64_t unit() const { return whole || gpb ? SP::E : d.gsz(); }
+  // Y[m, i] += Σ over blocks [blk0, blk1) of weight row i · x rows m0..m0+MB, folded per group unless whole
+  template <int MB, int NU, bool PER_BLOCK>
+  void run(int64_t i, const float* XP, int64_t M, float* Y, int64_t m0, int64_t blk0, int64_t blk1) {
+    const int64_t step = whole ? blk1 - blk0 : bpg, xstride = M * SP::E;
+    const uint8_t* row = d.row(i);
+    const float* Xm = XP + m0 * SP::E;
+    __m512 tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+    int64_t g = PER_BLOCK ? blk0 * gpb : blk0 / bpg;
+    for (int64_t b0 = blk0; b0 < blk1; b0 += step) {  // one group (one block when PER_BLOCK)
+      if (!whole && !PER_BLOCK) d.group_start(i, g);
+      __m512 acc[MB][NU];
+      for (int m = 0; m < MB; ++m) for (int u = 0; u < NU; ++u) acc[m][u] = _mm512_setzero_ps();
+      for (int64_t blk = b0; blk < b0 + step; ++blk) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + BN_PFD), _MM_HINT_T0);
+        spread_block<D, MB, NU, 0>(d, d.sp.block(row + blk * SP::BYTES), Xm + blk * xstride, acc);
+      }
+      if (whole) {
+        for (int m = 0; m < MB; ++m) tot[m] = _mm512_add_ps(tot[m], sum_vectors(acc[m], NU));
+      } else {
+        const __m512 vs = PER_BLOCK ? _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(d.scales() + g))
+                                    : _mm512_set1_ps(d.scales()[g]);
+        g += PER_BLOCK ? gpb : 1;
+        for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(vs, sum_vectors(acc[m], NU), tot[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(tot[m]);
+  }
+};
+
+// Rows [i0, i1). x is cut into K-segments that stay in L1 (≈ 24 KB for the activation rows of one pass) and
+// every weight row of the range is run against a segment before the next one: each weight byte is read once,
+// each activation element once per row from L1. Activation rows go in whole blocks of 8, 4, 2, 1 (no runtime
+// bounds in the inner loop); one row (decode) takes a single segment.
+template <class D, bool PER_BLOCK>
+void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  constexpr int ND = D::SP::ND, N1 = ND >= 8 ? 8 : ND;
+  SpreadKernel<D> kr(d);
+  const int64_t E = D::SP::E, unit = kr.unit(), N = d.N();
+  const int64_t seg = M == 1 ? d.K() : std::max<int64_t>(unit, (6144 / std::min<int64_t>(M, 8)) / unit * unit);
+  const bool short_groups = !kr.whole && kr.bpg < 4;  // fewer accumulators: cheaper folds
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t m = 0; m < M; ++m) Y[m * N + i] = 0.f;
+  for (int64_t k0 = 0; k0 < d.K(); k0 += seg) {
+    const int64_t blk0 = k0 / E, blk1 = std::min(d.K(), k0 + seg) / E;
+    for (int64_t i = i0; i < i1; ++i) {
+      d.load_row(i);
+      int64_t m0 = 0;
+      for (; m0 + 8 <= M; m0 += 8) kr.template run<8, 1, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+      if (m0 + 4 <= M) { kr.template run<4, 2, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1); m0 += 4; }
+      if (m0 + 2 <= M) { kr.template run<2, 4, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1); m0 += 2; }
+      if (m0 < M) {
+        if (short_groups) kr.template run<1, 2, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+        else kr.template run<1, N1, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+      }
+    }
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    d.load_row(i);
+    for (int64_t m = 0; m < M; ++m) Y[m * N + i] = d.finish(m, Y[m * N + i], S);
+  }
+}
+
+template <class D>
+void spread_dispatch(D& d, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  if (d.gsz() % D::SP::E == 0) spread_rows<D, false>(d, XP, M, S, Y, i0, i1);
+  else spread_rows<D, true>(d, XP, M, S, Y, i0, i1);
+}
+
+// Whether a layer's codes and groups tile the spread blocks of width B
+template <int B>
+bool spread_fits(int64_t K, int64_t gsz, bool tables_per_group) {
+  constexpr int E = Spread<B>::E, ND = Spread<B>::ND;
+  return K % E == 0 && (gsz % E == 0 || (!tables_per_group && E % gsz == 0 && gsz % ND == 0));
+}
+
+int spread_nd(int b) { return b == 3 || b == 6 ? 24 / b : 32 / b; }
+
+// The affine spread kernel for this layer's width, or false when its widths/groups do not tile (b = 5, 7)
+bool affine_spread(const Affine& a, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  auto go = [&](auto dec) {
+    spread_dispatch(dec, XP, M, S, Y, i0, i1);
+    return true;
+  };
+  switch (a.b) {
+    case 1: return go(AffineDec<1>(a));
+    case 2: return go(AffineDec<2>(a));
+    case 3: return go(AffineDec<3>(a));
+    case 4: return go(AffineDec<4>(a));
+    case 6: return go(AffineDec<6>(a));
+    case 8: return go(AffineDec<8>(a));
+    default: return false;
+  }
+}
+
+bool affine_spread_ok(const Affine& a) {
+  switch (a.b) {
+    case 1: return spread_fits<1>(a.K, a.gsz, false);
+    case 2: return spread_fits<2>(a.K, a.gsz, false);
+    case 3: return spread_fits<3>(a.K, a.gsz, false);
+    case 4: return spread_fits<4>(a.K, a.gsz, false);
+    case 6: return spread_fits<6>(a.K, a.gsz, false);
+    case 8: return spread_fits<8>(a.K, a.gsz, false);
+    default: return false;
+  }
+}
+
+bool codebook_spread_ok(const Codebook& c) {
+  const bool tpg = c.tgrp != 0;
+  switch (c.b) {
+    case 1: return spread_fits<1>(c.K, c.gsz, tpg);
+    case 2: return spread_fits<2>(c.K, c.gsz, tpg);
+    case 3: return spread_fits<3>(c.K, c.gsz, tpg);
+    case 4: return spread_fits<4>(c.K, c.gsz, tpg);
+    default: return false;
+  }
+}
+
+void codebook_spread(const Codebook& c, const float* XP, int64_t M, float* Y, int64_t i0, int64_t i1) {
+  auto go = [&](auto dec) { spread_dispatch(dec, XP, M, nullptr, Y, i0, i1); };
+  switch (c.b) {
+    case 1: go(CodebookDec<1>(c)); break;
+    case 2: go(CodebookDec<2>(c)); break;
+    case 3: go(CodebookDec<3>(c)); break;
+    default: go(CodebookDec<4>(c)); break;
+  }
+}
+
+// ---- generic vector kernel (any width, groups of 16k): Codes64 per 64-chunk, fold after every group ----------
+template <int MB>
+void affine_rows_generic(const Affine& a, const float* X, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  const int64_t K = a.K, G = a.groups(), vpg = a.gsz / 16, cb = 8 * a.b;
+  const Codes64 cv(a.b, a.end());
+  const float off = cv.offset();
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint8_t* row = a.row(i);
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      const int mb = static_cast<int>(std::min<int64_t>(MB, M - m0));
+      __m512 tot[MB], acc[MB][2];
+      float z[MB];
+      for (int m = 0; m < MB; ++m) { tot[m] = acc[m][0] = acc[m][1] = _mm512_setzero_ps(); z[m] = 0.f; }
+      int64_t g = 0, left = vpg;
+      for (int64_t c = 0; c < K / 64; ++c) {
+        __m512 w[4];
+        cv(row + c * cb, w);
+        for (int v = 0; v < 4; ++v) {
+          for (int m = 0; m < mb; ++m)
+            acc[m][v & 1] = _mm512_fmadd_ps(w[v], _mm512_loadu_ps(X + (m0 + m) * K + c * 64 + 16 * v), acc[m][v & 1]);
+          if (--left == 0) {
+            const float al = a.alpha(i, g), zt = al * (a.zprime(i, g) + off);
+            for (int m = 0; m < mb; ++m) {
+              tot[m] = _mm512_fmadd_ps(_mm512_set1_ps(al), _mm512_add_ps(acc[m][0], acc[m][1]), tot[m]);
+              acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+              z[m] += zt * S[(m0 + m) * G + g];
+            }
+            ++g;
+            left = vpg;
+          }
+        }
+      }
+      for (int m = 0; m < mb; ++m) Y[(m0 + m) * a.N + i] = _mm512_reduce_add_ps(tot[m]) - z[m];
+    }
+  }
+}
+
+void affine_rows_avx512(const Affine& a, const float* X, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  if (M == 1) affine_rows_generic<1>(a, X, M, S, Y, i0, i1);
+  else if (M <= 4) affine_rows_generic<4>(a, X, M, S, Y, i0, i1);
+  else affine_rows_generic<8>(a, X, M, S, Y, i0, i1);
+}
+#endif
+
+void extra_precision(const Affine& a, const float* X, int64_t M, float* Y, int64_t i0, int64_t i1) {
+  if (!a.ep_rowptr) return;
+  for (int64_t i = i0; i < i1; ++i)
+    for (int32_t e = a.ep_rowptr[i]; e < a.ep_rowptr[i + 1]; ++e) {
+      const int64_t j = a.ep_cols[e];
+      const float al = a.alpha(i, j / a.gsz);
+      for (int64_t m = 0; m < M; ++m) Y[m * a.N + i] += al * X[m * a.K + j];
+    }
+}
+
+Tensor affine_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int64_t K, const Tensor& scale,
+                     const optional<Tensor>& zero, double zc, int64_t group_size, int64_t shift,
+                     const optional<Tensor>& ep_rowptr, const optional<Tensor>& ep_cols, bool simd) {
+  const Affine a = affine_args(qweight, bits, K, scale, zero, zc, group_size, shift, ep_rowptr, ep_cols);
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
+  const Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  Tensor y = at::empty({M, a.N}, xf.options());
+  const float* X = xf.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const std::vector<float> S = group_sums(X, M, K, a.gsz);
+  const bool vec = simd && a.simd_ok();
+#if BITNEST_AVX512
+  const bool sw = vec && affine_spread_ok(a);
+  const std::vector<float> XP = sw ? spread_x(X, M, K, spread_nd(a.b)) : std::vector<float>();
+#endif
+  at::parallel_for(0, a.N, grain_rows(a.N, K * M), [&](int64_t i0, int64_t i1) {
+#if BITNEST_AVX512
+    if (sw) affine_spread(a, XP.data(), M, S.data(), Y, i0, i1);
+    else if (vec) affine_rows_avx512(a, X, M, S.data(), Y, i0, i1);
+    else
+#endif
+      affine_rows_scalar(a, X, M, S.data(), Y, i0, i1);
+    extra_precision(a, X, M, Y, i0, i1);
+  });
+  return y;
+}
+
+template <typename T>
+void affine_dequant_rows(const Affine& a, T* out, int64_t i0, int64_t i1, bool simd) {
+  const int64_t K = a.K, gsz = a.gsz, G = a.groups();
+#if BITNEST_AVX512
+  const bool vec = simd && a.simd_ok();
+  const Codes64 cv(a.b, a.end());
+  std::vector<float> alpha(G + 16), zterm(G + 16);
+#endif
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint8_t* row = a.row(i);
+    T* o = out + (i - i0) * K;
+#if BITNEST_AVX512
+    if (vec) {  // ŵ = α'((q + o) − o − z'): the reference's float operations exactly ((q + o) − o is exact)
+      for (int64_t g = 0; g < G; ++g) {
+        alpha[g] = a.alpha(i, g);
+        zterm[g] = a.zprime(i, g);
+      }
+      const __m512 vo = _mm512_set1_ps(cv.offset());
+      for (int64_t c = 0; c < K / 64; ++c) {
+        __m512 w[4];
+        cv(row + c * 8 * a.b, w);
+        for (int v = 0; v < 4; ++v) {
+          const int64_t g = (c * 64 + 16 * v) / gsz;
+          const __m512 q = _mm512_sub_ps(_mm512_sub_ps(w[v], vo), _mm512_set1_ps(zterm[g]));
+          store16<T>(o + c * 64 + 16 * v, _mm512_mul_ps(q, _mm512_set1_ps(alpha[g])));
+        }
+      }
+    } else
+#endif
+    {
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t g = j / gsz;
+        o[j] = static_cast<T>(a.alpha(i, g) * (static_cast<float>(code_at(row, j, a.b)) - a.zprime(i, g)));
+      }
+    }
+    if (a.ep_rowptr)
+      for (int32_t e = a.ep_rowptr[i]; e < a.ep_rowptr[i + 1]; ++e) {
+        const int64_t j = a.ep_cols[e], g = j / gsz;
+        o[j] = static_cast<T>(a.alpha(i, g) * (static_cast<float>(code_at(row, j, a.b)) + 1.f - a.zprime(i, g)));
+      }
+  }
+}
+
+// Rows [row0, row1) of the dequantized weight ŵ = α'(q − z'), (row1 − row0, K) in `dtype`.
+Tensor affine_dequant(const Tensor& qweight, int64_t bits, int64_t K, const Tensor& scale, const optional<Tensor>& zero,
+                      double zc, int64_t group_size, int64_t shift, const optional<Tensor>& ep_rowptr,
+                      const optional<Tensor>& ep_cols, int64_t row0, int64_t row1, at::ScalarType dtype, bool simd) {
+  const Affine a = affine_args(qweight, bits, K, scale, zero, zc, group_size, shift, ep_rowptr, ep_cols);
+  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= a.N, "row range");
+  Tensor out = at::empty({row1 - row0, K}, qweight.options().dtype(dtype));
+  at::parallel_for(row0, row1, grain_rows(row1 - row0, K), [&](int64_t i0, int64_t i1) {
+    const int64_t off = (i0 - row0) * K;
+    if (dtype == at::kFloat) affine_dequant_rows<float>(a, out.data_ptr<float>() + off, i0, i1, simd);
+    else if (dtype == at::kBFloat16) affine_dequant_rows<at::BFloat16>(a, out.data_ptr<at::BFloat16>() + off, i0, i1, simd);
+    else if (dtype == at::kHalf) affine_dequant_rows<at::Half>(a, out.data_ptr<at::Half>() + off, i0, i1, simd);
+    else TORCH_CHECK(false, "dequantize to float32, bfloat16 or float16");
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------ sign (OneBit / BitNet)
+
+// y (M, N) = ((x ⊙ g) · Sᵀ) ⊙ h, S ±1 from packed sign bits (1 = negative); the LayerNorm and bias are the
+// caller's. Σ_j s_ij u_j = U − 2 Σ_{bit=1} u_j: one masked add per 16 weights.
+Tensor sign_linear(const Tensor& x, const Tensor& qweight, int64_t K, const optional<Tensor>& g,
+                   const optional<Tensor>& h, bool simd) {
+  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.is_contiguous() && qweight.size(1) == (K + 7) / 8, "sign qweight");
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
+  const int64_t N = qweight.size(0);
+  Tensor u = x.reshape({-1, K}).to(at::kFloat);
+  if (g.has_value() && g->defined()) u = u * g->to(at::kFloat);
+  u = u.contiguous();
+  const int64_t M = u.size(0);
+  const float* U = u.data_ptr<float>();
+  std::vector<float> Usum(M);
+  for (int64_t m = 0; m < M; ++m) {
+    double s = 0.0;
+    for (int64_t j = 0; j < K; ++j) s += U[m * K + j];
+    Usum[m] = static_cast<float>(s);
+  }
+  const bool has_h = h.has_value() && h->defined();
+  const Tensor hf = has_h ? h->to(at::kFloat).contiguous() : Tensor();
+  const float* H = has_h ? hf.data_ptr<float>() : nullptr;
+  const int64_t hstride = has_h && hf.numel() > 1 ? 1 : 0;
+  Tensor y = at::empty({M, N}, u.options());
+  float* Y = y.data_ptr<float>();
+  const uint8_t* QW = qweight.data_ptr<uint8_t>();
+  const int64_t rb = qweight.size(1);
+  const bool vec = simd && BITNEST_AVX512 && K % 64 == 0;
+  at::parallel_for(0, N, grain_rows(N, K * M), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* row = QW + i * rb;
+      const float hi = H ? H[i * hstride] : 1.f;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* um = U + m * K;
+        float neg = 0.f;
+#if BITNEST_AVX512
+        if (vec) {
+          __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+          const uint16_t* mk = reinterpret_cast<const uint16_t*>(row);  // 16 signs per mask, LSB first
+          for (int64_t k0 = 0; k0 < K; k0 += 64, mk += 4) {
+            _mm_prefetch(reinterpret_cast<const char*>(mk) + BN_PFD, _MM_HINT_T0);
+            a0 = _mm512_mask_add_ps(a0, _cvtu32_mask16(mk[0]), a0, _mm512_loadu_ps(um + k0));
+            a1 = _mm512_mask_add_ps(a1, _cvtu32_mask16(mk[1]), a1, _mm512_loadu_ps(um + k0 + 16));
+            a2 = _mm512_mask_add_ps(a2, _cvtu32_mask16(mk[2]), a2, _mm512_loadu_ps(um + k0 + 32));
+            a3 = _mm512_mask_add_ps(a3, _cvtu32_mask16(mk[3]), a3, _mm512_loadu_ps(um + k0 + 48));
+          }
+          neg = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        } else
+#endif
+        {
+          for (int64_t j = 0; j < K; ++j)
+            if ((row[j >> 3] >> (j & 7)) & 1) neg += um[j];
+        }
+        Y[m * N + i] = hi * (Usum[m] - 2.f * neg);
+      }
+    }
+  });
+  return y;
+}
+
+// Rows [row0, row1) of S as ±1, (row1 − row0, K) in `dtype`.
+Tensor sign_dequant(const Tensor& qweight, int64_t K, int64_t row0, int64_t row1, at::ScalarType dtype, bool simd) {
+  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.is_contiguous() && qweight.size(1) == (K + 7) / 8, "sign qweight");
+  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= qweight.size(0), "row range");
+  const int64_t rb = qweight.size(1);
+  Tensor out = at::empty({row1 - row0, K}, qweight.options().dtype(dtype));
+  const uint8_t* QW = qweight.data_ptr<uint8_t>();
+  auto fill = [&](auto* O) {
+    using T = std::remove_pointer_t<decltype(O)>;
+    at::parallel_for(row0, row1, grain_rows(row1 - row0, K), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint8_t* row = QW + i * rb;
+        T* o = O + (i - row0) * K;
+        int64_t j = 0;
+#if BITNEST_AVX512
+        if (simd) {
+          const __m512 pos = _mm512_set1_ps(1.f), neg = _mm512_set1_ps(-1.f);
+          for (; j + 16 <= K; j += 16) {
+            uint16_t bits;
+            std::memcpy(&bits, row + j / 8, 2);
+            store16<T>(o + j, _mm512_mask_blend_ps(static_cast<__mmask16>(bits), pos, neg));
+          }
+        }
+#endif
+        for (; j < K; ++j) o[j] = static_cast<T>(((row[j >> 3] >> (j & 7)) & 1) ? -1.f : 1.f);
+      }
+    });
+  };
+  if (dtype == at::kFloat) fill(out.data_ptr<float>());
+  else if (dtype == at::kBFloat16) fill(out.data_ptr<at::BFloat16>());
+  else if (dtype == at::kHalf) fill(out.data_ptr<at::Half>());
+  else TORCH_CHECK(false, "signs as float32, bfloat16 or float16");
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------ codebook
+
+// y = Σ_g s_g Σ_j T_g[q_j] x_j. Vector path: tables of ≤ 32 entries live in registers (vpermps / vpermt2ps
+// look up 16 codes per instruction); wider tables are gathered.
+Tensor codebook_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int64_t K, const Tensor& table,
+                       const optional<Tensor>& scale, int64_t group_size, bool simd) {
+  const Codebook c = codebook_args(qweight, bits, K, table, scale, group_size);
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
+  const Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), G = K / c.gsz;
+  Tensor y = at::empty({M, c.N}, xf.options());
+  const float* X = xf.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const bool vec = simd && BITNEST_AVX512 && K % 64 == 0 && c.gsz % 64 == 0;
+#if BITNEST_AVX512
+  if (simd && codebook_spread_ok(c)) {  // b ≤ 4: tables in a register, no shuffle but the look-up itself
+    const std::vector<float> XP = spread_x(X, M, K, spread_nd(c.b));
+    at::parallel_for(0, c.N, grain_rows(c.N, K * M), [&](int64_t i0, int64_t i1) { codebook_spread(c, XP.data(), M, Y, i0, i1); });
+    return y;
+  }
+#endif
+  at::parallel_for(0, c.N, grain_rows(c.N, K * M), [&](int64_t i0, int64_t i1) {
+    std::vector<float> T((1 << c.b) + 16), w(c.gsz), acc(M);
+#if BITNEST_AVX512
+    const Unpack64 unpack(c.b, c.qw + c.N * c.row_bytes);
+#endif
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* row = c.qw + i * c.row_bytes;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        c.table_at(i, g, T.data());
+        const int64_t j0 = g * c.gsz;
+#if BITNEST_AVX512
+        if (vec) {
+          const __m512 t0 = _mm512_loadu_ps(T.data()), t1 = _mm512_loadu_ps(T.data() + 16);
+          for (int64_t k0 = j0; k0 < j0 + c.gsz; k0 += 64) {
+            const __m512i q = unpack(row + (k0 / 64) * 8 * c.b);
+            for (int v = 0; v < 4; ++v) {
+              const __m512i idx = _mm512_cvtepu8_epi32(lane128(q, v));
+              const __m512 wv = c.b <= 4 ? _mm512_permutexvar_ps(idx, t0)
+                              : c.b == 5 ? _mm512_permutex2var_ps(t0, idx, t1)
+                                         : _mm512_i32gather_ps(idx, T.data(), 4);
+              _mm512_storeu_ps(w.data() + (k0 - j0) + 16 * v, wv);
+            }
+          }
+        } else
+#endif
+        {
+          for (int64_t j = 0; j < c.gsz; ++j) w[j] = T[code_at(row, j0 + j, c.b)];
+        }
+        const float s = c.scale_at(i, g);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xm = X + m * K + j0;
+          float d;
+#if BITNEST_AVX512
+          if (vec) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            for (int64_t j = 0; j < c.gsz; j += 32) {
+              a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w.data() + j), _mm512_loadu_ps(xm + j), a0);
+              a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w.data() + j + 16), _mm512_loadu_ps(xm + j + 16), a1);
+            }
+            d = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+          } else
+#endif
+            d = dot_scalar(w.data(), xm, c.gsz);
+          acc[m] += s * d;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) Y[m * c.N + i] = acc[m];
+    }
+  });
+  return y;
+}
+
+// Rows [row0, row1) of the codebook weight s·T[q], in `dtype`.
+template <typename T>
+void codebook_dequant_rows(const Codebook& c, T* O, int64_t row0, int64_t i0, int64_t i1, bool simd) {
+  const int64_t G = c.K / c.gsz;
+  std::vector<float> tab((1 << c.b) + 16, 0.f);
+#if BITNEST_AVX512
+  const bool vec = simd && c.K % 64 == 0 && c.gsz % 16 == 0;
+  const Unpack64 unpack(c.b, c.qw + c.N * c.row_bytes);
+#endif
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint8_t* row = c.qw + i * c.row_bytes;
+    T* o = O + (i - row0) * c.K;
+#if BITNEST_AVX512
+    if (vec) {
+      for (int64_t k0 = 0; k0 < c.K; k0 += 64) {
+        const __m512i q = unpack(row + (k0 / 64) * 8 * c.b);
+        for (int v = 0; v < 4; ++v) {
+          const int64_t g = (k0 + 16 * v) / c.gsz;
+          if ((k0 + 16 * v) % c.gsz == 0) c.table_at(i, g, tab.data());
+          const __m512i idx = _mm512_cvtepu8_epi32(lane128(q, v));
+          const __m512 t0 = _mm512_loadu_ps(tab.data()), t1 = _mm512_loadu_ps(tab.data() + 16);
+          const __m512 w = c.b <= 4 ? _mm512_permutexvar_ps(idx, t0)
+                         : c.b == 5 ? _mm512_permutex2var_ps(t0, idx, t1) : _mm512_i32gather_ps(idx, tab.data(), 4);
+          store16<T>(o + k0 + 16 * v, _mm512_mul_ps(w, _mm512_set1_ps(c.scale_at(i, g))));
+        }
+      }
+      continue;
+    }
+#endif
+    for (int64_t g = 0; g < G; ++g) {
+      c.table_at(i, g, tab.data());
+      const float sg = c.scale_at(i, g);
+      for (int64_t j = g * c.gsz; j < (g + 1) * c.gsz; ++j) o[j] = static_cast<T>(sg * tab[code_at(row, j, c.b)]);
+    }
+  }
+}
+
+Tensor codebook_dequant(const Tensor& qweight, int64_t bits, int64_t K, const Tensor& table, const optional<Tensor>& scale,
+                        int64_t group_size, int64_t row0, int64_t row1, at::ScalarType dtype, bool simd) {
+  const Codebook c = codebook_args(qweight, bits, K, table, scale, group_size);
+  TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= c.N, "row range");
+  Tensor out = at::empty({row1 - row0, K}, qweight.options().dtype(dtype));
+  at::parallel_for(row0, row1, grain_rows(row1 - row0, K), [&](int64_t i0, int64_t i1) {
+    if (dtype == at::kFloat) codebook_dequant_rows<float>(c, out.data_ptr<float>(), row0, i0, i1, simd);
+    else if (dtype == at::kBFloat16) codebook_dequant_rows<at::BFloat16>(c, out.data_ptr<at::BFloat16>(), row0, i0, i1, simd);
+    else if (dtype == at::kHalf) codebook_dequant_rows<at::Half>(c, out.data_ptr<at::Half>(), row0, i0, i1, simd);
+    else TORCH_CHECK(false, "dequantize to float32, bfloat16 or float16");
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------ int8 × int8 -> int32
+
+// acc (M, N) int32 = xq (M, K) int8 · wq (N, K)ᵀ int8, exact. VNNI: vpdpbusd multiplies unsigned × signed
+// bytes, so x is offset by 128 (u = x + 128) and 128·Σ_j w_ij is subtracted again.
+Tensor int8_linear(const Tensor& xq, const Tensor& wq, bool simd) {
+  TORCH_CHECK(xq.dtype() == at::kChar && wq.dtype() == at::kChar && wq.is_contiguous() && wq.dim() == 2, "int8 operands");
+  const int64_t K = wq.size(1), N = wq.size(0);
+  TORCH_CHECK(xq.size(-1) == K, "x has ", xq.size(-1), " features, the weight ", K);
+  const Tensor x = xq.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  Tensor acc = at::empty({M, N}, x.options().dtype(at::kInt));
+  const int8_t* X = x.data_ptr<int8_t>();
+  const int8_t* W = wq.data_ptr<int8_t>();
+  int32_t* A = acc.data_ptr<int32_t>();
+#if BITNEST_AVX512 && defined(__AVX512VNNI__)
+  const bool vec = simd && K % 64 == 0;
+  std::vector<uint8_t> xu(vec ? M * K : 0);
+  for (size_t e = 0; e < xu.size(); ++e) xu[e] = static_cast<uint8_t>(static_cast<int32_t>(X[e]) + 128);
+#endif
+  at::parallel_for(0, N, grain_rows(N, K * M), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int8_t* w = W + i * K;
+#if BITNEST_AVX512 && defined(__AVX512VNNI__)
+      if (vec) {
+        const __m512i ones = _mm512_set1_epi8(1);
+        __m512i wsum = _mm512_setzero_si512();
+        for (int64_t k0 = 0; k0 < K; k0 += 64) wsum = _mm512_dpbusd_epi32(wsum, ones, _mm512_loadu_si512(w + k0));
+        const int32_t ws = _mm512_reduce_add_epi32(wsum);
+        for (int64_t m = 0; m < M; ++m) {
+          const uint8_t* u = xu.data() + m * K;
+          __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+          int64_t k0 = 0;
+          for (; k0 + 128 <= K; k0 += 128) {
+            s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(u + k0), _mm512_loadu_si512(w + k0));
+            s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(u + k0 + 64), _mm512_loadu_si512(w + k0 + 64));
+          }
+          if (k0 < K) s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(u + k0), _mm512_loadu_si512(w + k0));
+          A[m * N + i] = _mm512_reduce_add_epi32(_mm512_add_epi32(s0, s1)) - 128 * ws;
+        }
+        continue;
+      }
+#endif
+      for (int64_t m = 0; m < M; ++m) {
+        int32_t s = 0;
+        const int8_t* xm = X + m * K;
+        for (int64_t j = 0; j < K; ++j) s += static_cast<int32_t>(xm[j]) * static_cast<int32_t>(w[j]);
+        A[m * N + i] = s;
+      }
+    }
+  });
+  return acc;
+}
+
+// y (M, N) in `dtype` = s_y · clamp((acc + b_q) · M0 + 2^(k−1) >> k, ±127): the requantization of
+// kernels/integer.py::requantize (int64 products, arithmetic shift = floor), fused with the output scale.
+Tensor int8_requantize(const Tensor& acc, const optional<Tensor>& bias_q, const Tensor& M0, const Tensor& k,
+                       const Tensor& y_scale, at::ScalarType dtype) {
+  TORCH_CHECK(acc.dtype() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "int32 accumulators (M, N)");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  const Tensor m0 = M0.to(at::kLong).contiguous(), kk = k.to(at::kLong).contiguous(), ys = y_scale.to(at::kFloat).contiguous();
+  const Tensor bq = bias_q.has_value() && bias_q->defined() ? bias_q->to(at::kLong).contiguous() : Tensor();
+  TORCH_CHECK(m0.numel() == N && kk.numel() == N && (ys.numel() == N || ys.numel() == 1), "per-channel requantization");
+  Tensor y = at::empty({M, N}, acc.options().dtype(at::kFloat));
+  const int32_t* A = acc.data_ptr<int32_t>();
+  const int64_t *P = m0.data_ptr<int64_t>(), *Kk = kk.data_ptr<int64_t>(), *Bq = bq.defined() ? bq.data_ptr<int64_t>() : nullptr;
+  const float* Ys = ys.data_ptr<float>();
+  const int64_t ystride = ys.numel() == 1 ? 0 : 1;
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / N), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t a = static_cast<int64_t>(A[r * N + j]) + (Bq ? Bq[j] : 0);
+        const int64_t q = std::min<int64_t>(127, std::max<int64_t>(-127, (a * P[j] + (int64_t(1) << (Kk[j] - 1))) >> Kk[j]));
+        Y[r * N + j] = static_cast<float>(q) * Ys[j * ystride];
+      }
+  });
+  return dtype == at::kFloat ? y : y.to(dtype);
+}
+
+// ------------------------------------------------------------------------------------------ Matryoshka slicing
+
+// c-bit codes packed at c bits (N, ⌈K·c/8⌉) -> t = min((q >> s) + ((q >> (s−1)) & 1), 2^r − 1), s = c − r,
+// packed at r bits (clamp=false: no min, t may reach 2^r, written at r + 1 bits). Same bits as
+// grids/nested.py::slice_codes followed by formats/packing.py::pack.
+Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool clamp) {
+  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.is_contiguous() && qweight.size(1) == (K * c + 7) / 8, "slice qweight");
+  TORCH_CHECK(1 <= r && r < c && c <= 8, "slice widths");
+  const int ob = static_cast<int>(clamp ? r : r + 1);
+  const int64_t N = qweight.size(0), rb_in = qweight.size(1), rb_out = (K * ob + 7) / 8;
+  Tensor out = at::empty({N, rb_out}, qweight.options());
+  const uint8_t* Q = qweight.data_ptr<uint8_t>();
+  uint8_t* O = out.data_ptr<uint8_t>();
+  const int s = static_cast<int>(c - r);
+  const uint32_t tmax = clamp ? (1u << r) - 1u : (1u << ob) - 1u;
+  at::parallel_for(0, N, grain_rows(N, K), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* in = Q + i * rb_in;
+      uint8_t* o = O + i * rb_out;
+      std::memset(o, 0, rb_out);
+      int64_t j = 0;
+      if (c == 8)  // the common parent: 8 whole bytes in, 8 codes -> ob bytes out
+        for (; j + 8 <= K; j += 8) {
+          uint64_t word = 0;
+          for (int e = 0; e < 8; ++e) {
+            const uint32_t q = in[j + e];
+            word |= static_cast<uint64_t>(std::min((q >> s) + ((q >> (s - 1)) & 1u), tmax)) << (e * ob);
+          }
+          std::memcpy(o + (j / 8) * ob, &word, ob);
+        }
+      for (; j < K; ++j) {
+        const uint32_t q = code_at(in, j, static_cast<int>(c));
+        const uint32_t t = std::min((q >> s) + ((q >> (s - 1)) & 1u), tmax);
+        const int64_t bit = j * ob;
+        o[bit >> 3] |= static_cast<uint8_t>(t << (bit & 7));
+        if ((bit & 7) + ob > 8) o[(bit >> 3) + 1] |= static_cast<uint8_t>(t >> (8 - (bit & 7)));
+      }
+    }
+  });
+  return out;
+}
+
+bool has_avx512() { return BITNEST_AVX512; }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("affine_linear", &affine_linear);
+  m.def("affine_dequant", &affine_dequant);
+  m.def("sign_linear", &sign_linear);
+  m.def("sign_dequant", &sign_dequant);
+  m.def("codebook_linear", &codebook_linear);
+  m.def("codebook_dequant", &codebook_dequant);
+  m.def("int8_linear", &int8_linear);
+  m.def("int8_requantize", &int8_requantize);
+  m.def("slice_pack", &slice_pack);
+  m.def("has_avx512", &has_avx512);
+}

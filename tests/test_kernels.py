@@ -1,0 +1,256 @@
+"""Every fast kernel path against the pure-torch reference (kernels/reference.py), over widths, group sizes,
+symmetry, Matryoshka slices, Extra Precision lists, shapes, batch sizes (GEMV kernels and the tiled GEMM path)
+and activation dtypes; the vector (AVX-512) and the portable C++ paths both; integer paths bit for bit."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_tol import assert_close, condition
+
+from bitnest import kernels
+from bitnest.formats.packing import pack, packed_len, unpack
+from bitnest.grids.nested import slice_codes
+from bitnest.kernels import cpu, reference
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="C++ kernels could not be built here")
+
+SETTINGS = dict(deadline=None, max_examples=int(os.environ.get("BITNEST_HYPOTHESIS_EXAMPLES", 60)), suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+GROUPS = [None, -1, 16, 32, 64, 128, 256]
+BATCHES = [1, 2, 3, 5, 8, 13, 16, 40]  # ≤ 16: packed GEMV/GEMM kernels; 40: dequantized tiles + torch.mm
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(params=["simd", "portable"])
+def simd(request, monkeypatch):
+    monkeypatch.setenv("BITNEST_CPU_SIMD", "1" if request.param == "simd" else "0")
+    return request.param
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16)
+
+
+def random_affine(g: torch.Generator, out: int, n_in: int, bits: int, parent: int, group_size, symmetric: bool,
+                  extra: bool = False, act_bits=None) -> kernels.Affine:
+    gl, G = kernels.groups(n_in, group_size)
+    R = 1 if group_size == -1 else out
+    G = 1 if group_size == -1 else G
+    codes = torch.randint(0, 1 << bits, (out, n_in), generator=g, dtype=torch.int64).to(torch.uint8)
+    scale = _fp16(torch.rand(R, G, generator=g) * 0.02 + 1e-3)
+    zero = None if symmetric else _fp16(torch.rand(R, G, generator=g) * ((1 << parent) - 1))
+    rowptr = cols = None
+    if extra:  # positions whose slice code is 2^b are stored as 2^b − 1 (the Extra Precision bucket)
+        top = codes == (1 << bits) - 1
+        keep = top & (torch.rand(out, n_in, generator=g) < 0.5)
+        rowptr = torch.zeros(out + 1, dtype=torch.int32)
+        rowptr[1:] = torch.cumsum(keep.sum(1), 0)
+        cols = keep.nonzero()[:, 1].to(torch.int32)
+    act_scale = None
+    return kernels.Affine(pack(codes, bits), bits, n_in, scale, zero, group_size, parent, rowptr, cols, act_bits, act_scale)
+
+
+def _x(g, m, n_in, dtype):
+    return torch.randn(m, n_in, generator=g).to(dtype)
+
+
+@st.composite
+def affine_case(draw):
+    bits = draw(st.integers(1, 8))
+    parent = draw(st.integers(bits, 8))
+    group_size = draw(st.sampled_from(GROUPS))
+    aligned = draw(st.booleans())
+    if group_size in (None, -1):
+        n_in = draw(st.sampled_from([64, 128, 256, 512, 768, 1024])) if aligned else draw(st.integers(1, 150))
+    else:
+        n_in = group_size * draw(st.integers(1, 6 if group_size < 256 else 3))
+    return dict(bits=bits, parent=parent, group_size=group_size, n_in=n_in, out=draw(st.integers(1, 40)),
+                symmetric=draw(st.booleans()) and parent >= 2, m=draw(st.sampled_from(BATCHES)),
+                dtype=draw(st.sampled_from(DTYPES)), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@given(affine_case())
+@settings(**SETTINGS)
+def test_affine_fast_equals_reference(simd, c):
+    g = torch.Generator().manual_seed(c["seed"])
+    p = random_affine(g, c["out"], c["n_in"], c["bits"], c["parent"], c["group_size"], c["symmetric"])
+    x = _x(g, c["m"], c["n_in"], c["dtype"])
+    assert kernels.path_for(x, p) == "cpu"
+    ref = reference.affine_linear(x.float(), p)  # the reference in fp32: bf16 x is exact there
+    assert_close(kernels.linear(x, p), ref, c["dtype"], what=str(c), scale=condition(x, reference.affine_weight(p)))
+
+
+@given(st.integers(1, 7), st.sampled_from([None, 64, 128]), st.sampled_from(BATCHES), st.integers(0, 2**31 - 1))
+@settings(**SETTINGS)
+def test_extra_precision_and_activation_quantization(simd, bits, group_size, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_in = 256
+    p = random_affine(g, 24, n_in, bits, 8, group_size, False, extra=True)
+    x = _x(g, m, n_in, torch.float32)
+    cond = condition(x, reference.affine_weight(p))
+    assert_close(kernels.linear(x, p), reference.affine_linear(x, p), what="extra precision", scale=cond)
+    for act_scale in (None, torch.tensor([0.02])):  # W·A8 dynamic and static
+        pa = kernels.Affine(p.qweight, p.bits, n_in, p.scale, p.zero, group_size, 8, act_bits=8, act_scale=act_scale)
+        assert_close(kernels.linear(x, pa), reference.affine_linear(x, pa), what="activation-quantized", scale=cond)
+
+
+def test_extra_precision_weight_raises_bucket_by_one_step():
+    g = torch.Generator().manual_seed(0)
+    p = random_affine(g, 8, 64, 3, 8, None, False, extra=True)
+    assert p.extra_cols.numel() > 0
+    W = reference.affine_weight(p)
+    plain = reference.affine_weight(kernels.Affine(p.qweight, 3, 64, p.scale, p.zero, None, 8))
+    step = p.scale.float() * 2 ** 5  # α · 2^(c − r), one slice step on the parent grid
+    assert torch.allclose(W - plain, (W != plain) * step, atol=1e-6)
+    assert int((W != plain).sum()) == p.extra_cols.numel()
+
+
+@given(st.integers(1, 300), st.integers(1, 30), st.sampled_from(BATCHES), st.booleans(), st.booleans(), st.booleans(),
+       st.sampled_from(DTYPES), st.integers(0, 2**31 - 1))
+@settings(**SETTINGS)
+def test_sign_fast_equals_reference(simd, n_in, out, m, has_g, h_kind, post_ln, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_in = n_in if seed % 2 else 64 * (1 + n_in % 16)  # half aligned (vector path), half any width
+    q = pack(torch.randint(0, 2, (out, n_in), generator=g).to(torch.uint8), 1)
+    gv = _fp16(torch.rand(n_in, generator=g) + 0.5) if has_g else None
+    h = _fp16(torch.rand(out if h_kind else 1, generator=g) + 0.5)
+    post_ln = post_ln and out >= 4  # a LayerNorm over 1–3 features is degenerate (its outputs are ±1 or 0)
+    p = kernels.Sign(q, n_in, gv, h, post_ln)
+    x = _x(g, m, n_in, dtype)
+    W = reference.unpack_signs(q, n_in) * (1 if gv is None else gv.float()) * h.float()[:, None]
+    assert_close(kernels.linear(x, p), reference.sign_packed_linear(x.float(), p), dtype, what="sign",
+                 scale=None if post_ln else condition(x, W))
+
+
+@st.composite
+def codebook_case(draw):
+    bits = draw(st.integers(1, 8))
+    group_size = draw(st.sampled_from([None, -1, 64, 128]))
+    n_in = (draw(st.sampled_from([128, 256, 512])) if group_size in (None, -1)
+            else group_size * draw(st.integers(1, 4)))
+    out = draw(st.integers(1, 24))
+    R, G = (1, 1) if group_size == -1 else (out, kernels.groups(n_in, group_size)[1])
+    table = draw(st.sampled_from(["shared", "row", "group"]))
+    Rt, Gt = {"shared": (1, 1), "row": (R, 1), "group": (R, G)}[table]
+    return dict(bits=bits, group_size=group_size, n_in=n_in, out=out, table=(Rt, Gt),
+                scaled=draw(st.booleans()), RG=(R, G), m=draw(st.sampled_from(BATCHES)),
+                dtype=draw(st.sampled_from(DTYPES)), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@given(codebook_case())
+@settings(**SETTINGS)
+def test_codebook_fast_equals_reference(simd, c):
+    g = torch.Generator().manual_seed(c["seed"])
+    codes = torch.randint(0, 1 << c["bits"], (c["out"], c["n_in"]), generator=g).to(torch.uint8)
+    table = _fp16(torch.randn(*c["table"], 1 << c["bits"], generator=g))
+    scale = _fp16(torch.rand(*c["RG"], generator=g) + 0.1) if c["scaled"] else None
+    p = kernels.Codebook(pack(codes, c["bits"]), c["bits"], c["n_in"], table, scale, c["group_size"])
+    x = _x(g, c["m"], c["n_in"], c["dtype"])
+    assert_close(kernels.linear(x, p), reference.codebook_linear(x.float(), p), c["dtype"], what=str(c),
+                 scale=condition(x, reference.codebook_weight(p)))
+
+
+@given(st.integers(1, 200), st.integers(1, 30), st.sampled_from(BATCHES), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+@settings(**SETTINGS)
+def test_int8_fast_is_bit_exact(simd, n_in, out, m, bias, per_channel, seed):
+    from bitnest.kernels.integer import quantize_multiplier
+    g = torch.Generator().manual_seed(seed)
+    n_in = n_in if seed % 2 else 64 * (1 + n_in % 8)
+    W = torch.randint(-127, 128, (out, n_in), generator=g, dtype=torch.int8)
+    y_scale = torch.rand(out if per_channel else 1, generator=g) * 0.5 + 0.1
+    M0, k = quantize_multiplier(torch.full((out,), 0.05 * 0.01) / y_scale.expand(out))
+    bias_q = torch.randint(-1000, 1000, (out,), generator=g, dtype=torch.int32) if bias else None
+    p = kernels.Int8(W, M0.to(torch.int32), k.to(torch.int8), bias_q, torch.tensor([0.05]), y_scale)
+    x = torch.randn(m, n_in, generator=g) * 3
+    assert torch.equal(kernels.linear(x, p), reference.int8_linear(x, p))
+
+
+@given(st.integers(2, 8), st.data(), st.integers(1, 100), st.integers(1, 12), st.booleans(), st.integers(0, 2**31 - 1))
+@settings(**SETTINGS)
+def test_slice_pack_equals_slice_then_pack(c, data, n_in, out, clamp, seed):
+    r = data.draw(st.integers(1, c - 1 if clamp or c < 8 else 6))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 1 << c, (out, n_in), generator=g).to(torch.uint8)
+    fast = kernels.slice_pack(pack(q, c), c, r, n_in, clamp)
+    expect = pack(slice_codes(q, c, r, clamp), r if clamp else r + 1)
+    assert torch.equal(fast, expect)
+    with kernels.use("reference"):
+        assert torch.equal(kernels.slice_pack(pack(q, c), c, r, n_in, clamp), expect)
+
+
+@given(affine_case())
+@settings(**SETTINGS)
+def test_dequantized_tiles_equal_reference_weight(simd, c):
+    g = torch.Generator().manual_seed(c["seed"])
+    p = random_affine(g, c["out"], c["n_in"], c["bits"], c["parent"], c["group_size"], c["symmetric"])
+    W = reference.affine_weight(p)
+    r0 = c["seed"] % p.out_features
+    tile = cpu.ext().affine_dequant(*cpu._affine_args(p), r0, p.out_features, torch.float32, cpu._simd())
+    assert torch.allclose(tile, W[r0:], rtol=1e-6, atol=1e-7)
+    tile16 = cpu.ext().affine_dequant(*cpu._affine_args(p), 0, p.out_features, torch.bfloat16, cpu._simd())
+    assert torch.equal(tile16, W.to(torch.bfloat16))
+
+
+def test_paths_and_forcing():
+    g = torch.Generator().manual_seed(0)
+    p = random_affine(g, 8, 64, 4, 4, None, False)
+    x = torch.randn(2, 64)
+    assert kernels.path_for(x, p) == "cpu"
+    with kernels.use("reference"):
+        assert kernels.path_for(x, p) == "reference"
+    fp32_scales = kernels.Affine(p.qweight, 4, 64, p.scale.float(), p.zero.float(), None, 4)
+    assert kernels.path_for(x, fp32_scales) == "reference"  # a layout the kernels do not take: the reference runs
+    assert_close(kernels.linear(x, fp32_scales), kernels.linear(x, p))
+
+
+def test_env_forces_reference(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    p = random_affine(g, 8, 64, 4, 4, None, False)
+    monkeypatch.setenv("BITNEST_KERNELS", "reference")
+    assert kernels.path_for(torch.randn(1, 64), p) == "reference"
+
+
+def test_gradient_through_fast_path_equals_reference():
+    g = torch.Generator().manual_seed(0)
+    for p in (random_affine(g, 24, 128, 3, 8, 64, False),
+              kernels.Sign(pack(torch.randint(0, 2, (24, 128), generator=g).to(torch.uint8), 1), 128,
+                           _fp16(torch.rand(128, generator=g) + .5), _fp16(torch.rand(24, generator=g) + .5), True)):
+        x = torch.randn(3, 128, generator=g, requires_grad=True)
+        r = torch.randn(3, 24, generator=g)  # a random projection (Σ y² is constant after a LayerNorm)
+        (kernels.linear(x, p) * r).sum().backward()
+        gx = x.grad.clone()
+        x.grad = None
+        with kernels.use("reference"):
+            (kernels.linear(x, p) * r).sum().backward()
+        assert_close(gx, x.grad, what=p.kind)
+
+
+def test_no_compiler_falls_back_with_one_notice(monkeypatch, capsys):
+    """Without a working compiler the extension is None, a one-line notice is printed once, the reference runs."""
+    state = dict(cpu._state)
+    cpu._state.clear()
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **kw: (_ for _ in ()).throw(RuntimeError("g++: not found")))
+    try:
+        assert cpu.ext() is None and cpu.ext() is None
+        err = capsys.readouterr().err
+        assert err.count("bitnest: C++ CPU kernels unavailable (g++: not found)") == 1
+    finally:
+        cpu._state.clear()
+        cpu._state.update(state)
+        kernels._CHOICE.clear()
+
+
+def test_layers_hold_no_dequantized_weight():
+    """Every packed kind computes from its packed buffers: no (out, in) float tensor appears, even after a forward."""
+    from bitnest.grids.affine import AffineSpec
+    from bitnest.nn.onebit import PackedSignLinear
+    from bitnest.nn.qlinear import QuantLinear
+    lin = torch.nn.Linear(256, 64, bias=False)
+    layers = [QuantLinear.from_linear(lin, AffineSpec(8, None, False), serve_bits=3),
+              PackedSignLinear.from_parts(lin.weight, torch.ones(256), torch.ones(64), post_ln=True)]
+    for layer in layers:
+        with torch.no_grad():
+            layer(torch.randn(2, 256))
+        tensors = list(layer.buffers()) + list(layer.parameters()) + [v for v in vars(layer).values() if torch.is_tensor(v)]
+        assert not any(t.is_floating_point() and t.numel() >= 64 * 256 for t in tensors)
