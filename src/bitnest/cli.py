@@ -1,4 +1,4 @@
-"""`bitnest` command line: quantize | eval | slice | info | demo.
+"""`bitnest` command line: quantize | eval | generate | slice | info | methods | demo.
 
 Every user error ends as one line on stderr (`bitnest: error: ...`) and exit status 2; nothing is left
 half-written (checkpoints are written to a temporary directory and renamed).
@@ -106,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("methods", help="list the registered methods and their options")
+
+    g = sub.add_parser("generate", help="stream a continuation on the fast kernels and print tokens/s; "
+                       "--interactive switches precision between prompts")
+    _add_common(g)
+    g.add_argument("--prompt", help="text to continue (without it, or with --interactive, prompts are read from stdin)")
+    g.add_argument("--bits", type=int, help="serve a Matryoshka checkpoint at this width")
+    g.add_argument("--budget", type=float, help="Mix'n'Match: serve a Matryoshka checkpoint within this many bits per weight")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype of the unquantized tensors and activations (default bfloat16)")
+    g.add_argument("--interactive", action="store_true",
+                   help="read prompts from stdin; ':bits R', ':budget B', ':mix GLOB=R', ':precision', ':quit' switch in memory")
+    g.add_argument("--reference", action="store_true", help="compute on the pure-torch reference path (to compare)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
 
     s = sub.add_parser("slice", help="write a standalone r-bit checkpoint from a Matryoshka checkpoint")
     _add_common(s, model_required=True)

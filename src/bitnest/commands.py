@@ -217,3 +217,109 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args)
+
+
+def cmd_generate(args) -> int:
+    """`bitnest generate`: one prompt (--prompt) or an interactive session (stdin), on the fast kernels."""
+    import contextlib
+    import sys
+
+    from . import kernels
+
+    if args.bits is not None and args.budget is not None:
+        raise BitnestError("pass --bits or --budget, not both")
+    loaded = load_model(args.model or _default(args), allow_pickle=args.allow_pickle, dtype=getattr(torch, args.dtype))
+    model = loaded.model
+    if (args.bits is not None or args.budget is not None) and not hasattr(model, "set_precision"):
+        raise BitnestError(f"{loaded.source} is not a bitnest checkpoint; --bits/--budget serve Matryoshka checkpoints")
+    if args.bits is not None or args.budget is not None:
+        model.set_precision(args.bits, budget=args.budget)
+    ctx = kernels.use("reference") if args.reference else contextlib.nullcontext()
+    with ctx:
+        if args.prompt is not None and not args.interactive:
+            return _generate_one(args, loaded, args.prompt)
+        print(f"bitnest generate: {loaded.source} ({_precision_line(model)}); type a prompt, or :help", file=sys.stderr)
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.startswith(":"):
+                if _session_command(model, line) == "quit":
+                    break
+                continue
+            try:
+                _generate_one(args, loaded, line)
+            except BitnestError as e:  # a bad prompt ends this prompt, not the session
+                print(f"bitnest: error: {e}", file=sys.stderr)
+    return 0
+
+
+def _precision_line(model) -> str:
+    if not hasattr(model, "precision"):
+        return "full precision"
+    try:
+        p = model.precision()
+    except BitnestError:
+        return "quantized"
+    if not p["layers"]:
+        return "quantized"
+    w = f"int{p['bits']}" if p["bits"] else "mixed widths"
+    return f"{w}, {p['bits_per_weight']:.2f} bits/weight, {p['resident_bytes'] / 2**20:.1f} MiB resident"
+
+
+def _session_command(model, line: str) -> str | None:
+    """:bits R | :budget B | :mix GLOB=R[,GLOB=R] | :precision | :help | :quit — errors are reported, not fatal."""
+    import sys
+
+    cmd, _, arg = line[1:].strip().partition(" ")
+    try:
+        if cmd in ("quit", "q", "exit"):
+            return "quit"
+        if cmd == "help":
+            print(":bits R | :budget B | :mix GLOB=R[,GLOB=R] | :precision | :quit", file=sys.stderr)
+            return None
+        if cmd in ("bits", "budget", "mix"):
+            if not hasattr(model, "set_precision"):
+                raise BitnestError("this model is not a bitnest checkpoint: it has one precision")
+            if cmd == "bits":
+                out = model.set_precision(int(arg))
+            elif cmd == "budget":
+                out = model.set_precision(budget=float(arg))
+            else:
+                pairs = [p.partition("=") for p in arg.split(",") if p.strip()]
+                if not pairs or any(not eq for _, eq, _ in pairs):
+                    raise BitnestError("usage: :mix GLOB=R[,GLOB=R], e.g. :mix *.mlp.*=2,*.self_attn.*=4")
+                out = model.set_precision({k.strip(): int(v) for k, _, v in pairs})
+            print(f"[switched in {out['switch_seconds'] * 1e3:.0f} ms: {_precision_line(model)}]", file=sys.stderr)
+            return None
+        if cmd == "precision":
+            print(f"[{_precision_line(model)}]", file=sys.stderr)
+            return None
+        raise BitnestError(f"unknown command :{cmd} (:help lists them)")
+    except ValueError:
+        print(f"bitnest: error: bad value in {line!r}", file=sys.stderr)
+    except BitnestError as e:
+        print(f"bitnest: error: {e}", file=sys.stderr)
+    return None
+
+
+def _generate_one(args, loaded, prompt: str) -> int:
+    import sys
+
+    from .generate import generate
+
+    emit = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    if emit:
+        print(prompt, end="", flush=True)
+    res = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=emit)
+    stats = {"prompt_tokens": res.prompt_tokens, "new_tokens": res.new_tokens, "seconds": res.seconds,
+             "prefill_seconds": res.prefill_seconds, "decode_tok_s": res.decode_tok_s, "tok_s": res.tok_s,
+             "precision": _precision_line(loaded.model)}
+    if args.json:
+        print(json.dumps({"text": res.text, **stats}))
+    else:
+        print()
+        print(f"[{res.new_tokens} tokens in {res.seconds:.2f} s: {res.decode_tok_s:.1f} tok/s decode, prefill "
+              f"{res.prompt_tokens} tokens in {res.prefill_seconds * 1e3:.0f} ms; {stats['precision']}]", file=sys.stderr)
+    return 0

@@ -158,10 +158,15 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: dict[str, int] | None = None):
-    """Rebuild the model with QuantLinear shells from `modules`, then load the packed tensors.
+def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: dict[str, int] | None = None,
+                   dtype: torch.dtype = torch.float32):
+    """Rebuild the model with packed-layer shells from `modules`, then load the packed tensors.
 
     `bits` serves every nested layer at r bits; `overrides` maps module-name globs to r (Mix'n'Match).
+    `dtype`: the unquantized tensors (embeddings, norms, LM head, biases) and so the activations; float32 by
+    default (evaluation), bfloat16 for serving (half the bytes of those tensors, bf16 matmuls where they run).
+    Memory: the shells live on the meta device and every tensor read from disk is assigned, not copied, so the
+    loaded model holds the file's bytes once (plus a cast of the unquantized ones when `dtype` differs).
     """
     import fnmatch
 
@@ -196,24 +201,36 @@ def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: 
                 if not 1 <= r <= lc["bits"]:
                     raise BitnestError(f"cannot serve {name} at {r} bits: it stores {lc['bits']}-bit codes (choose 1..{lc['bits']})")
                 lc["serve_bits"] = r
-            replace_module(model, name, cls.from_layer_config(lc))
+            replace_module(model, name, cls.from_layer_config(lc, device="meta"))
             continue
         if r is not None:
             if not 1 <= r <= lc["bits"]:
                 raise BitnestError(f"cannot serve {name} at {r} bits: it stores {lc['bits']}-bit codes (choose 1..{lc['bits']})")
             lc["serve_bits"] = r
-        replace_module(model, name, QuantLinear.from_layer_config(lc))
+        replace_module(model, name, QuantLinear.from_layer_config(lc, device="meta"))
     keep = _keep_dtype(model)
-    state = {k: (v.float() if v.is_floating_point() and not k.endswith((".scale", ".zero")) and k not in keep else v)
-             for k, v in state.items()}
+    for k in list(state):  # one tensor at a time, so at most one extra copy exists while casting
+        v = state[k]
+        if v.is_floating_point() and not k.endswith((".scale", ".zero")) and k not in keep and v.dtype != dtype:
+            state[k] = v.to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
     model.tie_weights()
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
         raise BitnestError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _materialize_meta(model, dtype)
     model.eval()
     storage = getattr(torch, qc.get("storage_dtype", "float16"))
     return Loaded(model, _load_tokenizer(str(path)), str(path), storage, qc)
+
+
+def _materialize_meta(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Buffers that the checkpoint does not hold and the model did not create (none in practice: the loader's
+    check above catches missing tensors) must not stay on the meta device."""
+    for name, t in list(model.named_buffers()):
+        if t.is_meta:
+            raise BitnestError(f"buffer {name} was not in the checkpoint")
 
 
 def _is_tied(model, key: str) -> bool:

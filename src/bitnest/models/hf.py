@@ -124,7 +124,9 @@ def _looks_like_llama2c(p: Path) -> Path | None:
 
 def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                bits: int | None = None, check: bool = True) -> Loaded:
-    """Load anything bitnest understands. `bits` serves a Matryoshka checkpoint at r bits."""
+    """Load anything bitnest understands. `bits` serves a Matryoshka checkpoint at r bits; `dtype` is the dtype of
+    every unquantized tensor (and so of the activations). A loaded bitnest checkpoint gets
+    `model.set_precision(...)` and `model.precision()` (bitnest.runtime) to switch widths in memory."""
     p = Path(src)
     if not p.exists() and not HUB_ID.match(str(src)):
         raise BitnestError(f"model {src} not found: pass a model directory, a llama2.c .bin or a hub id like org/name")
@@ -134,7 +136,9 @@ def load_model(src: str | os.PathLike, *, dtype: torch.dtype = torch.float32, al
         loaded = Loaded(model, tok, str(binp), torch.float32)
     elif p.is_dir() and read_config(p).get("quantization_config", {}).get("quant_method") == "bitnest":
         from ..formats.checkpoint import load_quantized
-        loaded = load_quantized(p, bits=bits)
+        loaded = load_quantized(p, bits=bits, dtype=dtype)
+        from .. import runtime  # the run-time precision switch, bound to the model (upward import: loaders are API)
+        runtime.attach(loaded.model)
     else:
         loaded = _load_hf(str(src), dtype, allow_pickle)
     if bits is not None and loaded.quantization_config is None:
