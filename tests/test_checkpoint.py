@@ -88,3 +88,27 @@ def test_atomic_write_leaves_nothing_on_failure(tiny_llama_dir, tmp_path, monkey
     with pytest.raises(RuntimeError):
         _save(m, None, tmp_path / "x", "rtn")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_tensors_are_read_into_owned_memory(tiny_llama_dir, tmp_path, ids):
+    """The loader reads every tensor into process memory (equal to safetensors' own reader), so the model keeps
+    working when its files are deleted; mmap=True maps them instead; a truncated file is a one-line error."""
+    from safetensors.torch import load_file
+
+    from bitnest.formats.checkpoint import read_safetensors
+    m = load_model(tiny_llama_dir).model
+    quantize(m, "rtn", bits=4, progress=False)
+    ck = _save(m, None, tmp_path / "ck", "rtn")
+    f = ck / "model.safetensors"
+    ours, theirs = read_safetensors(f), load_file(str(f))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype
+                                                for k in ours)
+    expect = load_quantized(ck, mmap=True).model(ids).logits
+    owned = load_quantized(ck).model
+    import shutil
+    shutil.rmtree(ck)
+    assert torch.equal(owned(ids).logits, expect)
+    f.parent.mkdir()
+    f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}")
+    with pytest.raises(BitnestError):
+        read_safetensors(f)

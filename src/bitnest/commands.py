@@ -141,10 +141,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _stored_dtype(path) -> torch.dtype:
+    """The dtype a bitnest checkpoint stores its unquantized tensors in (load in it: no cast, no extra memory)."""
+    from .models.hf import read_config
+    p = Path(path)
+    qc = read_config(p).get("quantization_config", {}) if p.is_dir() else {}
+    return getattr(torch, str(qc.get("storage_dtype", "float32")), torch.float32)
+
+
 def cmd_slice(args) -> int:
     from .nn.qlinear import QuantLinear
-    from .grids.nested import slice_codes
-    from .formats.packing import unpack
     from .models.blocks import replace_module
 
     out = Path(args.out)
@@ -155,7 +161,7 @@ def cmd_slice(args) -> int:
         raise BitnestError("pass either --bits R (one width) or --budget B (Mix'n'Match per-layer widths)")
     if strategy and budget is None:
         raise BitnestError("--strategy needs --budget (bits per FFN weight)")
-    loaded = load_model(args.model, bits=args.bits, allow_pickle=args.allow_pickle)
+    loaded = load_model(args.model, bits=args.bits, allow_pickle=args.allow_pickle, dtype=_stored_dtype(args.model))
     mix = None
     if budget is not None:
         from .mixnmatch import choose_mix, mix_summary
@@ -163,10 +169,7 @@ def cmd_slice(args) -> int:
                          data_dir=args.data_dir, progress=not args.no_progress)
     for name, m in list(loaded.model.named_modules()):
         if isinstance(m, QuantLinear) and m.serve_bits != m.bits:
-            t = slice_codes(unpack(m.qweight, m.bits, m.in_features), m.bits, m.serve_bits)  # (out, in) r-bit codes
-            replace_module(loaded.model, name, QuantLinear.from_codes(
-                t, m.scale, m.zero, bits=m.serve_bits, group_size=m.group_size, symmetric=m.symmetric,
-                parent_bits=m.parent_bits, serve_bits=m.serve_bits, bias=m.bias))
+            replace_module(loaded.model, name, m.standalone())
         elif hasattr(m, "to_standalone"):  # Extra Precision MatQuant: r-bit codes + the extra bucket's index list
             replace_module(loaded.model, name, m.to_standalone())
     qc = {k: v for k, v in loaded.quantization_config.items() if k not in ("modules", "quant_method", "format_version", "storage_dtype")}

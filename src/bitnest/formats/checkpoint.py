@@ -147,26 +147,71 @@ def save_quantized(model, tokenizer, out: str | os.PathLike, quantization_config
     return out
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file read into process memory, one tensor at a time.
+
+    safetensors' own loaders return tensors backed by a memory map of the file: the weights then live in the
+    page cache, are read from disk again whenever the kernel evicts them, and a switch of precision would page
+    the codes back in. A loaded bitnest model owns its bytes instead (the file may be deleted or replaced while
+    the model runs), and reading straight into each tensor keeps the peak at the model's size plus one tensor.
+    The file was validated by safetensors (models.hf.check_safetensors) before this reads it."""
+    import struct
+
+    out = {}
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        try:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n)) if 0 < n <= size - 8 else None
+        except (struct.error, ValueError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            raise BitnestError(f"{f} is not a readable safetensors file (bad header)")
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], [int(d) for d in info["shape"]], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise BitnestError(f"{f}: tensor {name!r} has a malformed header entry (or a dtype bitnest does not read)") from None
+            t = torch.empty(shape, dtype=dtype)
+            if t.numel() * t.element_size() != end - start or not 0 <= start <= end <= size - base:
+                raise BitnestError(f"{f}: tensor {name} does not fit its header (offsets {start}..{end}, shape {shape})")
+            fh.seek(base + start)
+            if end > start and fh.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise BitnestError(f"{f} is truncated (tensor {name})")
+            out[name] = t
+    return out
+
+
+def _read_state(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     from ..models.hf import check_safetensors
 
     state = {}
     for f in check_safetensors(path):
-        state.update(load_file(str(f)))
+        state.update(load_file(str(f)) if mmap else read_safetensors(f))
     return state
 
 
 def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: dict[str, int] | None = None,
-                   dtype: torch.dtype = torch.float32):
+                   dtype: torch.dtype = torch.float32, mmap: bool = False):
     """Rebuild the model with packed-layer shells from `modules`, then load the packed tensors.
 
     `bits` serves every nested layer at r bits; `overrides` maps module-name globs to r (Mix'n'Match).
     `dtype`: the unquantized tensors (embeddings, norms, LM head, biases) and so the activations; float32 by
     default (evaluation), bfloat16 for serving (half the bytes of those tensors, bf16 matmuls where they run).
     Memory: the shells live on the meta device and every tensor read from disk is assigned, not copied, so the
-    loaded model holds the file's bytes once (plus a cast of the unquantized ones when `dtype` differs).
+    loaded model holds the file's bytes once (plus a cast of the unquantized ones when `dtype` differs), in its
+    own memory; `mmap=True` maps the files instead (instant, shared page cache; the weights are then paged in
+    from disk on first use and whenever the kernel evicted them).
     """
     import fnmatch
 
@@ -185,7 +230,7 @@ def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: 
     if (bits is not None or overrides) and not qc.get("nested"):
         raise BitnestError(f"{path} stores {qc['config'].get('bits')}-bit {qc['method']} codes; --bits only re-slices "
                            "Matryoshka checkpoints (method sliced/matquant)")
-    state = _read_state(path)
+    state = _read_state(path, mmap)
     try:
         config = AutoConfig.from_pretrained(str(path))
         with init_empty_weights(include_buffers=False):  # params on meta: no random init, no double memory

@@ -150,7 +150,17 @@ register("cpu", "codebook", "cpu", lambda p: _cpu_ok() and p.table.dtype == torc
 register("cpu", "int8", "cpu", lambda p: _cpu_ok())(cpu.int8)
 
 # ------------------------------------------------------------------------------------------ CUDA paths
-try:  # Triton kernels when triton is importable (a CUDA torch ships it); the reference otherwise
-    from . import triton_kernels  # noqa: F401,E402
-except ImportError:
-    triton_kernels = None
+def _triton_ok(p: Packed) -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton(kind: str):
+    def fn(x, p):  # imported on first use: importing triton costs seconds and is useless without a GPU
+        from . import triton_kernels
+        return getattr(triton_kernels, kind)(x, p)
+    return fn
+
+
+for _kind in ("affine", "sign", "codebook", "int8"):
+    register("cuda", _kind, "triton", _triton_ok)(_triton(_kind))

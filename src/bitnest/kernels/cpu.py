@@ -103,14 +103,17 @@ def _mm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def tiled_mm(x2: torch.Tensor, n_out: int, tile_fn, dtype: torch.dtype) -> torch.Tensor:
-    """y (M, n_out) = x2 · Ŵᵀ with Ŵ produced tile by tile: tile_fn(r0, r1) -> (r1 − r0, in) in `dtype`."""
+    """y (M, n_out) = x2 · Ŵᵀ with Ŵ produced tile by tile: tile_fn(r0, r1) -> (r1 − r0, in) in `dtype`.
+    The result is contiguous (the layers after a linear run much slower on a transposed view)."""
     xm = x2.to(dtype)
     rows = max(16, min(n_out, TILE_BYTES // (x2.shape[1] * torch.finfo(dtype).bits // 8)))
-    yT = torch.empty(n_out, x2.shape[0], dtype=dtype)  # (out, M): each tile fills whole rows
+    if rows >= n_out:
+        return torch.mm(xm, tile_fn(0, n_out).t())
+    y = torch.empty(x2.shape[0], n_out, dtype=dtype)
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
-        torch.mm(tile_fn(r0, r1), xm.t(), out=yT[r0:r1])
-    return yT.t()
+        y[:, r0:r1] = torch.mm(xm, tile_fn(r0, r1).t())
+    return y
 
 
 def _affine_args(p):

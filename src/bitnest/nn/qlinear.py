@@ -132,6 +132,16 @@ class QuantLinear(nn.Module):
             self.qweight_r, self._slice_of = w, (r, src)
         return self.qweight_r
 
+    def standalone(self) -> "QuantLinear":
+        """The r-bit layer of the width served now (`bitnest slice`): r-bit codes, the parent's α and z."""
+        r = self.serve_bits
+        m = type(self)(self.in_features, self.out_features, bits=r, group_size=self.group_size, symmetric=self.symmetric,
+                       parent_bits=self.parent_bits, serve_bits=r, bias=self.bias is not None, device="meta")
+        m.qweight, m.scale, m.zero = self._working_codes(), self.scale, self.zero
+        if self.bias is not None:
+            m.bias = self.bias
+        return m
+
     @property
     def packed(self) -> kernels.Affine:
         return kernels.Affine(self._working_codes(), self.serve_bits, self.in_features, self.scale, self.zero,

@@ -40,6 +40,9 @@
 #ifndef BN_NUS
 #define BN_NUS 2
 #endif
+#ifndef BN_PFH
+#define BN_PFH _MM_HINT_T0
+#endif
 #ifndef BN_PFD
 #define BN_PFD 2048
 #endif
@@ -513,7 +516,7 @@ struct SpreadKernel {
       __m512 acc[MB][NU];
       for (int m = 0; m < MB; ++m) for (int u = 0; u < NU; ++u) acc[m][u] = _mm512_setzero_ps();
       for (int64_t blk = b0; blk < b0 + step; ++blk) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + BN_PFD), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + BN_PFD), BN_PFH);
         spread_block<D, MB, NU, 0>(d, d.sp.block(row + blk * SP::BYTES), Xm + blk * xstride, acc);
       }
       if (whole) {
@@ -1113,6 +1116,30 @@ Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool c
 
 bool has_avx512() { return BITNEST_AVX512; }
 
+// Reads every byte of `buf` once (vector loads, all threads; the hardware prefetchers alone: software prefetch
+// slows a pure stream here); returns a checksum so the reads cannot be optimized away. bench/speed.py times it:
+// the machine's read bandwidth, the roofline every batch-1 row is compared with.
+int64_t stream_read(const Tensor& buf) {
+  TORCH_CHECK(buf.is_contiguous() && buf.dtype() == at::kByte, "a contiguous uint8 buffer");
+  const uint8_t* p = buf.data_ptr<uint8_t>();
+  const int64_t n = buf.numel() / 64 * 64;
+  std::vector<int64_t> partial(std::max(1, at::get_num_threads()) * 64, 0);
+  at::parallel_for(0, n / 64, 1 << 12, [&](int64_t b0, int64_t b1) {
+    int64_t s = 0;
+#if BITNEST_AVX512
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t b = b0; b < b1; ++b) acc = _mm512_xor_si512(acc, _mm512_loadu_si512(p + b * 64));
+    s = _mm512_reduce_add_epi64(acc);
+#else
+    for (int64_t b = b0 * 64; b < b1 * 64; b += 8) { int64_t v; std::memcpy(&v, p + b, 8); s ^= v; }
+#endif
+    partial[at::get_thread_num() * 64] ^= s;
+  });
+  int64_t s = 0;
+  for (int64_t v : partial) s ^= v;
+  return s;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1126,4 +1153,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_requantize", &int8_requantize);
   m.def("slice_pack", &slice_pack);
   m.def("has_avx512", &has_avx512);
+  m.def("stream_read", &stream_read);
 }
