@@ -23,11 +23,15 @@ speed after each switch beside the standalone int-r model's, the bytes read from
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_PROC_BIND", "true")  # as the CLI does (bitnest/cli.py): before torch starts its threads
+os.environ.setdefault("KMP_BLOCKTIME", "0")      # as `import bitnest` does
+
 import argparse
 import copy
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -94,6 +98,16 @@ def tensor_bytes(obj) -> int:
             seen.add(st.data_ptr())
             total += st.nbytes()
     return total
+
+
+def read_bytes(m) -> int:
+    """Bytes a forward reads: the packed view's tensors (a nested layer serving r reads its r-bit copy, not its
+    c-bit codes); a peer's whole weight."""
+    import dataclasses
+    p = getattr(m, "packed", None)
+    if p is None:
+        return tensor_bytes(m)
+    return sum(tensor_bytes(getattr(p, f.name)) for f in dataclasses.fields(p) if torch.is_tensor(getattr(p, f.name)))
 
 
 def bitnest_formats(W: torch.Tensor) -> dict[str, tuple[torch.nn.Module, dict]]:
@@ -258,7 +272,7 @@ def layer_bench(shapes, batches, reps_by_batch, bandwidth: float) -> tuple[list[
 
             copies = {}  # one set of copies per module, shared by its fp32- and bf16-activation rows
 
-            def add(label, library, fmt, group, bits, act, module, nbytes, make=None):
+            def add(label, library, fmt, group, bits, act, module, nbytes, make=None, nread=None):
                 k = copies_for(nbytes, batch)
                 if id(module) not in copies:
                     copies[id(module)] = [module] + [make() if make else copy.deepcopy(module) for _ in range(k - 1)]
@@ -267,6 +281,7 @@ def layer_bench(shapes, batches, reps_by_batch, bandwidth: float) -> tuple[list[
                 shift = len(mods) // 2 if act == "bf16" else 0  # the two rows of a module never read the same copy in a repeat
                 rows.append(dict(kind="layer", shape=f"{n_out}x{n_in}", batch=batch, label=label, library=library,
                                  format=fmt, group_size=group, bits=bits, act=act, weight_bytes=nbytes, copies=k,
+                                 read_bytes=nread or nbytes,
                                  fn=lambda i, mods=mods, x=x, shift=shift: mods[(i + shift) % len(mods)](x)))
 
             W32, W16 = W, W.bfloat16()
@@ -275,14 +290,16 @@ def layer_bench(shapes, batches, reps_by_batch, bandwidth: float) -> tuple[list[
             w16s = [W16] + [W16.clone() for _ in range(copies_for(W16.numel() * 2, batch) - 1)]
             rows.append(dict(kind="layer", shape=f"{n_out}x{n_in}", batch=batch, label="fp32 F.linear", library="torch",
                              format="fp32", group_size=None, bits=32, act="fp32", weight_bytes=W32.numel() * 4,
+                             read_bytes=W32.numel() * 4,
                              copies=len(w32s), fn=lambda i: F.linear(xs["fp32"], w32s[i % len(w32s)])))
             rows.append(dict(kind="layer", shape=f"{n_out}x{n_in}", batch=batch, label="bf16 F.linear", library="torch",
                              format="bf16", group_size=None, bits=16, act="bf16", weight_bytes=W16.numel() * 2,
+                             read_bytes=W16.numel() * 2,
                              copies=len(w16s), fn=lambda i: F.linear(xs["bf16"], w16s[i % len(w16s)])))
             for name, (m, meta) in fmts.items():
                 for act in ("fp32", "bf16"):
                     add(f"bitnest {name} ({act} act)", "bitnest", meta["format"], meta["group_size"], meta["bits"], act,
-                        m, tensor_bytes(m))
+                        m, tensor_bytes(m), nread=read_bytes(m))
             for name, (make, meta) in peers.items():
                 m = make()
                 add(name, meta["library"], meta["format"], meta["group_size"], meta["bits"], meta["act"], m, tensor_bytes(m), make)
@@ -293,7 +310,7 @@ def layer_bench(shapes, batches, reps_by_batch, bandwidth: float) -> tuple[list[
                 r.pop("fn")
                 r["speedup_fp32"], r["speedup_bf16"] = fp32 / r["us"], bf16 / r["us"]
                 if batch == 1:
-                    r["roofline_fraction"] = r["weight_bytes"] / (bandwidth * 1e3) / r["us"]
+                    r["roofline_fraction"] = r["read_bytes"] / (bandwidth * 1e3) / r["us"]
                 r["peak_rss"] = None
             out_rows += rows
             _print_layer(rows)
@@ -614,7 +631,8 @@ def checks(layer_rows: list[dict], e2e_rows: list[dict]) -> list[tuple[str, bool
 
 
 def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
-    lines = [header("Speed: packed layers and whole models", f"Threads: {torch.get_num_threads()}; run time {seconds / 60:.1f} min."
+    env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("OMP_PROC_BIND", "KMP_BLOCKTIME"))
+    lines = [header("Speed: packed layers and whole models", f"Threads: {torch.get_num_threads()} ({env}); run time {seconds / 60:.1f} min."
                     "\n\nWhat is measured and how: see `bench/speed.py`'s docstring. Speed-ups are ratios measured "
                     "side by side in this run (medians over interleaved repeats; cold weights at batch 1 and 16).")]
     lines.append(f"Machine read bandwidth (C++ streaming read of 1 GiB, both cores): **{bandwidth:.1f} GB/s**.\n")
@@ -625,9 +643,9 @@ def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
                 if not rows:
                     continue
                 cols = [("label", "row", ""), ("us", "µs", ".0f"), ("speedup_fp32", "×fp32", ".2f"),
-                        ("speedup_bf16", "×bf16", ".2f"), ("mib", "weight MiB", ".2f")]
+                        ("speedup_bf16", "×bf16", ".2f"), ("mib", "weight MiB held", ".2f")]
                 if batch == 1:
-                    cols.append(("roofline_fraction", "of roofline", ".2f"))
+                    cols.append(("roofline_fraction", "of roofline (bytes read ÷ bandwidth)", ".2f"))
                 for r in rows:
                     r["mib"] = r["weight_bytes"] / 2**20
                 lines.append(f"### Layer {shape} (out × in), batch {batch}\n\n{fmt_table(rows, cols)}\n")

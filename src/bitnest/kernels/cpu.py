@@ -139,29 +139,13 @@ def affine(x: torch.Tensor, p) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], p.out_features)
 
 
-_SIGN_GRID: dict = {}
-
-
-def _sign_as_affine(device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sign bit q (1 = negative) is the 1-bit affine code of ŵ = α(q − z) with α = −2, z = ½ (both exact in
-    float16), so sign layers share the affine kernels."""
-    if device not in _SIGN_GRID:
-        _SIGN_GRID[device] = (torch.full((1, 1), -2.0, dtype=torch.float16, device=device),
-                              torch.full((1, 1), 0.5, dtype=torch.float16, device=device))
-    return _SIGN_GRID[device]
-
-
 def sign(x: torch.Tensor, p) -> torch.Tensor:
-    from .reference import sign_epilogue
+    from .reference import LN_EPS, sign_epilogue
     x2 = _rows2d(x, p.in_features)
     m = ext()
-    if x2.shape[0] <= GEMV_MAX_ROWS:
-        u = x2 if p.g is None else x2.float() * p.g.float()  # (M, in)
-        scale, zero = _sign_as_affine(x.device)
-        y = m.affine_linear(u, p.qweight, 1, p.in_features, scale, zero, 0.0, -1, 0, None, None, _simd())
-        if p.h is not None:
-            y = y * p.h.float()
-        y = y.to(x.dtype)
+    if x2.shape[0] <= GEMV_MAX_ROWS:  # the 1-bit affine kernels; g, h and the LayerNorm applied in the same call
+        y = m.sign_affine_linear(x2, p.qweight, p.in_features, p.g, p.h, p.post_ln, LN_EPS, _simd())
+        return y.to(x.dtype).reshape(*x.shape[:-1], p.out_features)
     else:
         dt = _mm_dtype(x)
         u = x2.to(dt) if p.g is None else x2.to(dt) * p.g.to(dt)  # (M, in)

@@ -4,7 +4,7 @@
 //   affine     y[m,i] = Σ_g α'_ig Σ_{j∈g} (q_ij + o) x_mj − Σ_g α'_ig (z'_ig + o) S_mg
 //              α' = α·2^shift and z' = z/2^shift (an r-bit slice of a c-bit grid; both exact in fp32),
 //              S_mg = Σ_{j∈g} x_mj (summed in double once per call), o the offset the code→float trick adds
-//   sign       y[m,i] = h_i (U_m − 2 Σ_{j: bit=1} u_mj), u = x ⊙ g, U_m = Σ_j u_mj        (OneBit / BitNet)
+//   sign       y[m,i] = h_i Σ_j (1 − 2·bit_ij) g_j x_mj: the 1-bit affine grid α = −2, z = ½   (OneBit / BitNet)
 //   codebook   y[m,i] = Σ_g s_ig Σ_{j∈g} T_ig[q_ij] x_mj
 //   int8       acc[m,i] = Σ_j xq_mj wq_ij, exact int32                                      (integer-only layers)
 // plus the conversions the runtime needs: dequantize rows to a dense tile (large batches multiply it with
@@ -532,7 +532,7 @@ struct SpreadKernel {
   }
 };
 
-// Rows [i0, i1). x is cut into K-segments that stay in L1 (≈ 24 KB for the activation rows of one pass) and
+// Rows [i0, i1). x is cut into K-segments that stay in L1 (≈ 24 KB: all M activation rows of a segment) and
 // every weight row of the range is run against a segment before the next one: each weight byte is read once,
 // each activation element once per row from L1. Activation rows go in whole blocks of 8, 4, 2, 1 (no runtime
 // bounds in the inner loop); one row (decode) takes a single segment.
@@ -541,7 +541,7 @@ void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int
   constexpr int ND = D::SP::ND, N1 = ND >= 8 ? 8 : ND;
   SpreadKernel<D> kr(d);
   const int64_t E = D::SP::E, unit = kr.unit(), N = d.N();
-  const int64_t seg = M == 1 ? d.K() : std::max<int64_t>(unit, (6144 / std::min<int64_t>(M, 8)) / unit * unit);
+  const int64_t seg = M == 1 ? d.K() : std::max<int64_t>(unit, (6144 / M) / unit * unit);  // M·seg floats ≈ 24 KB
   const bool short_groups = !kr.whole && kr.bpg < 4;  // fewer accumulators: cheaper folds
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t m = 0; m < M; ++m) Y[m * N + i] = 0.f;
@@ -684,13 +684,9 @@ void extra_precision(const Affine& a, const float* X, int64_t M, float* Y, int64
     }
 }
 
-Tensor affine_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int64_t K, const Tensor& scale,
-                     const optional<Tensor>& zero, double zc, int64_t group_size, int64_t shift,
-                     const optional<Tensor>& ep_rowptr, const optional<Tensor>& ep_cols, bool simd) {
-  const Affine a = affine_args(qweight, bits, K, scale, zero, zc, group_size, shift, ep_rowptr, ep_cols);
-  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
-  const Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
+// y (M, N) fp32 for activations X (M, K) fp32, contiguous
+Tensor affine_run(const Affine& a, const Tensor& xf, bool simd) {
+  const int64_t K = a.K, M = xf.size(0);
   Tensor y = at::empty({M, a.N}, xf.options());
   const float* X = xf.data_ptr<float>();
   float* Y = y.data_ptr<float>();
@@ -709,6 +705,67 @@ Tensor affine_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int64
       affine_rows_scalar(a, X, M, S.data(), Y, i0, i1);
     extra_precision(a, X, M, Y, i0, i1);
   });
+  return y;
+}
+
+Tensor affine_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int64_t K, const Tensor& scale,
+                     const optional<Tensor>& zero, double zc, int64_t group_size, int64_t shift,
+                     const optional<Tensor>& ep_rowptr, const optional<Tensor>& ep_cols, bool simd) {
+  const Affine a = affine_args(qweight, bits, K, scale, zero, zc, group_size, shift, ep_rowptr, ep_cols);
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
+  return affine_run(a, x.reshape({-1, K}).to(at::kFloat).contiguous(), simd);
+}
+
+// Sign layers (OneBit, BitNet): y = ((x ⊙ g) · Sᵀ) ⊙ h with S = 1 − 2·bit, i.e. the 1-bit affine grid α = −2,
+// z = ½ (exact in float16), so they share the affine kernels; g and h are applied here, in one call (each
+// extra torch op costs several µs, a fifth of a 4096×4096 layer's time at batch 1); so is OneBit's LayerNorm.
+Tensor sign_affine_linear(const Tensor& x, const Tensor& qweight, int64_t K, const optional<Tensor>& g,
+                          const optional<Tensor>& h, bool post_ln, double eps, bool simd) {
+  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.is_contiguous() && qweight.size(1) == (K + 7) / 8, "sign qweight");
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
+  static const at::Half alpha(-2.0f), zero(0.5f);
+  Affine a;
+  a.qw = qweight.data_ptr<uint8_t>();
+  a.row_bytes = qweight.size(1);
+  a.N = qweight.size(0);
+  a.K = K;
+  a.b = 1;
+  a.scale = &alpha;
+  a.zero = &zero;
+  a.srow = 0;
+  a.gsz = K;
+  a.zc = 0.f;
+  a.mult = 1.f;
+  Tensor u = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  if (g.has_value() && g->defined()) {
+    u = u.clone();
+    const Tensor gf = g->to(at::kFloat).contiguous();
+    float* U = u.data_ptr<float>();
+    const float* Gv = gf.data_ptr<float>();
+    for (int64_t m = 0; m < u.size(0); ++m)
+      for (int64_t j = 0; j < K; ++j) U[m * K + j] *= Gv[j];
+  }
+  Tensor y = affine_run(a, u, simd);
+  if (h.has_value() && h->defined()) {
+    const Tensor hf = h->to(at::kFloat).contiguous();
+    const float* H = hf.data_ptr<float>();
+    const int64_t hs = hf.numel() > 1 ? 1 : 0;
+    float* Y = y.data_ptr<float>();
+    for (int64_t m = 0; m < y.size(0); ++m)
+      for (int64_t i = 0; i < a.N; ++i) Y[m * a.N + i] *= H[i * hs];
+  }
+  if (post_ln) {  // OneBit's parameter-free LayerNorm over the outputs (F.layer_norm: biased variance, eps inside)
+    float* Y = y.data_ptr<float>();
+    for (int64_t m = 0; m < y.size(0); ++m) {
+      float* r = Y + m * a.N;
+      double mean = 0.0, var = 0.0;
+      for (int64_t i = 0; i < a.N; ++i) mean += r[i];
+      mean /= a.N;
+      for (int64_t i = 0; i < a.N; ++i) var += (r[i] - mean) * (r[i] - mean);
+      const float inv = static_cast<float>(1.0 / std::sqrt(var / a.N + eps)), mu = static_cast<float>(mean);
+      for (int64_t i = 0; i < a.N; ++i) r[i] = (r[i] - mu) * inv;
+    }
+  }
   return y;
 }
 
@@ -773,65 +830,6 @@ Tensor affine_dequant(const Tensor& qweight, int64_t bits, int64_t K, const Tens
 }
 
 // ------------------------------------------------------------------------------------------ sign (OneBit / BitNet)
-
-// y (M, N) = ((x ⊙ g) · Sᵀ) ⊙ h, S ±1 from packed sign bits (1 = negative); the LayerNorm and bias are the
-// caller's. Σ_j s_ij u_j = U − 2 Σ_{bit=1} u_j: one masked add per 16 weights.
-Tensor sign_linear(const Tensor& x, const Tensor& qweight, int64_t K, const optional<Tensor>& g,
-                   const optional<Tensor>& h, bool simd) {
-  TORCH_CHECK(qweight.dtype() == at::kByte && qweight.is_contiguous() && qweight.size(1) == (K + 7) / 8, "sign qweight");
-  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
-  const int64_t N = qweight.size(0);
-  Tensor u = x.reshape({-1, K}).to(at::kFloat);
-  if (g.has_value() && g->defined()) u = u * g->to(at::kFloat);
-  u = u.contiguous();
-  const int64_t M = u.size(0);
-  const float* U = u.data_ptr<float>();
-  std::vector<float> Usum(M);
-  for (int64_t m = 0; m < M; ++m) {
-    double s = 0.0;
-    for (int64_t j = 0; j < K; ++j) s += U[m * K + j];
-    Usum[m] = static_cast<float>(s);
-  }
-  const bool has_h = h.has_value() && h->defined();
-  const Tensor hf = has_h ? h->to(at::kFloat).contiguous() : Tensor();
-  const float* H = has_h ? hf.data_ptr<float>() : nullptr;
-  const int64_t hstride = has_h && hf.numel() > 1 ? 1 : 0;
-  Tensor y = at::empty({M, N}, u.options());
-  float* Y = y.data_ptr<float>();
-  const uint8_t* QW = qweight.data_ptr<uint8_t>();
-  const int64_t rb = qweight.size(1);
-  const bool vec = simd && BITNEST_AVX512 && K % 64 == 0;
-  at::parallel_for(0, N, grain_rows(N, K * M), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const uint8_t* row = QW + i * rb;
-      const float hi = H ? H[i * hstride] : 1.f;
-      for (int64_t m = 0; m < M; ++m) {
-        const float* um = U + m * K;
-        float neg = 0.f;
-#if BITNEST_AVX512
-        if (vec) {
-          __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-          const uint16_t* mk = reinterpret_cast<const uint16_t*>(row);  // 16 signs per mask, LSB first
-          for (int64_t k0 = 0; k0 < K; k0 += 64, mk += 4) {
-            _mm_prefetch(reinterpret_cast<const char*>(mk) + BN_PFD, _MM_HINT_T0);
-            a0 = _mm512_mask_add_ps(a0, _cvtu32_mask16(mk[0]), a0, _mm512_loadu_ps(um + k0));
-            a1 = _mm512_mask_add_ps(a1, _cvtu32_mask16(mk[1]), a1, _mm512_loadu_ps(um + k0 + 16));
-            a2 = _mm512_mask_add_ps(a2, _cvtu32_mask16(mk[2]), a2, _mm512_loadu_ps(um + k0 + 32));
-            a3 = _mm512_mask_add_ps(a3, _cvtu32_mask16(mk[3]), a3, _mm512_loadu_ps(um + k0 + 48));
-          }
-          neg = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-        } else
-#endif
-        {
-          for (int64_t j = 0; j < K; ++j)
-            if ((row[j >> 3] >> (j & 7)) & 1) neg += um[j];
-        }
-        Y[m * N + i] = hi * (Usum[m] - 2.f * neg);
-      }
-    }
-  });
-  return y;
-}
 
 // Rows [row0, row1) of S as ±1, (row1 − row0, K) in `dtype`.
 Tensor sign_dequant(const Tensor& qweight, int64_t K, int64_t row0, int64_t row1, at::ScalarType dtype, bool simd) {
@@ -1145,7 +1143,7 @@ int64_t stream_read(const Tensor& buf) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine_linear", &affine_linear);
   m.def("affine_dequant", &affine_dequant);
-  m.def("sign_linear", &sign_linear);
+  m.def("sign_affine_linear", &sign_affine_linear);
   m.def("sign_dequant", &sign_dequant);
   m.def("codebook_linear", &codebook_linear);
   m.def("codebook_dequant", &codebook_dequant);
