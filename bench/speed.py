@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_PROC_BIND", "true")  # as the CLI does (bitnest/cli.py): before torch starts its threads
-os.environ.setdefault("KMP_BLOCKTIME", "0")      # as `import bitnest` does
+os.environ.setdefault("KMP_BLOCKTIME", "0")  # as `import bitnest` does, before torch starts MKL's threads
 
 import argparse
 import copy
@@ -631,7 +630,7 @@ def checks(layer_rows: list[dict], e2e_rows: list[dict]) -> list[tuple[str, bool
 
 
 def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
-    env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("OMP_PROC_BIND", "KMP_BLOCKTIME"))
+    env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY"))
     lines = [header("Speed: packed layers and whole models", f"Threads: {torch.get_num_threads()} ({env}); run time {seconds / 60:.1f} min."
                     "\n\nWhat is measured and how: see `bench/speed.py`'s docstring. Speed-ups are ratios measured "
                     "side by side in this run (medians over interleaved repeats; cold weights at batch 1 and 16).")]

@@ -10,11 +10,6 @@ import json
 import os
 import sys
 
-# The CLI owns its process, so it pins OpenMP threads to cores before torch starts them: unpinned, the scheduler
-# sometimes runs the main thread and the kernels' worker on one core (measured on 2-core VMs: every packed
-# layer ~200 µs slower at batch 1 in those processes). A user's own setting wins.
-os.environ.setdefault("OMP_PROC_BIND", "true")
-
 EXIT_USAGE = 2
 
 

@@ -22,8 +22,12 @@
 // slower on the CPUs we measure. Portable path: plain C++ (any CPU; the tests run it with simd=false).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,12 +76,38 @@ inline float dot_scalar(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
-inline int64_t grain_rows(int64_t N, int64_t work_per_row) {
-  // One thread below ~256k multiply-adds (a hand-off costs more than that), else at least 4 chunks per thread.
-  const int64_t min_rows = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, work_per_row));
-  const int64_t per_thread = N / (4 * std::max(1, at::get_num_threads()));
-  return std::max(min_rows, std::max<int64_t>(1, per_thread));
+// Rows [begin, end): each thread first takes one contiguous share of 3/4 of the rows (what static scheduling
+// would give it, so prefetch streams stay long), then the last quarter goes out in small chunks to whoever is
+// free. A VM's vCPUs are not equal (one is often slower for a while): with at::parallel_for's static halves the
+// whole call waits for the slow one (measured: layers 1.5–2× slower in such processes); here the faster thread
+// takes more of the tail. Serial below `min_rows`.
+template <class F>
+void parallel_rows(int64_t begin, int64_t end, int64_t min_rows, const F& f) {
+  const int64_t n = end - begin;
+  const int nt = std::max(1, at::get_num_threads());
+  if (nt == 1 || n <= 2 * min_rows) {
+    f(begin, end);
+    return;
+  }
+  std::atomic<int64_t> next{-1};
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    const int64_t T = 1, t = 0;
+#endif
+    const int64_t share = (n * 3 / 4) / T, tail0 = begin + share * T;
+    const int64_t chunk = std::max<int64_t>(min_rows, (end - tail0) / (4 * T) + 1);
+    int64_t expected = -1;
+    next.compare_exchange_strong(expected, tail0);  // the first thread here starts the tail counter
+    if (share > 0) f(begin + t * share, begin + (t + 1) * share);
+    for (int64_t i0 = next.fetch_add(chunk); i0 < end; i0 = next.fetch_add(chunk)) f(i0, std::min(end, i0 + chunk));
+  }
 }
+
+// The smallest chunk worth a thread: ~256k multiply-adds (a hand-off costs more than that)
+inline int64_t min_rows(int64_t work_per_row) { return std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, work_per_row)); }
 
 #if BITNEST_AVX512
 inline __m512i load64(const uint8_t* src, __mmask64 ld, const uint8_t* end) {
@@ -696,7 +726,7 @@ Tensor affine_run(const Affine& a, const Tensor& xf, bool simd) {
   const bool sw = vec && affine_spread_ok(a);
   const std::vector<float> XP = sw ? spread_x(X, M, K, spread_nd(a.b)) : std::vector<float>();
 #endif
-  at::parallel_for(0, a.N, grain_rows(a.N, K * M), [&](int64_t i0, int64_t i1) {
+  parallel_rows(0, a.N, min_rows(K * M), [&](int64_t i0, int64_t i1) {
 #if BITNEST_AVX512
     if (sw) affine_spread(a, XP.data(), M, S.data(), Y, i0, i1);
     else if (vec) affine_rows_avx512(a, X, M, S.data(), Y, i0, i1);
@@ -819,7 +849,7 @@ Tensor affine_dequant(const Tensor& qweight, int64_t bits, int64_t K, const Tens
   const Affine a = affine_args(qweight, bits, K, scale, zero, zc, group_size, shift, ep_rowptr, ep_cols);
   TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= a.N, "row range");
   Tensor out = at::empty({row1 - row0, K}, qweight.options().dtype(dtype));
-  at::parallel_for(row0, row1, grain_rows(row1 - row0, K), [&](int64_t i0, int64_t i1) {
+  parallel_rows(row0, row1, min_rows(K), [&](int64_t i0, int64_t i1) {
     const int64_t off = (i0 - row0) * K;
     if (dtype == at::kFloat) affine_dequant_rows<float>(a, out.data_ptr<float>() + off, i0, i1, simd);
     else if (dtype == at::kBFloat16) affine_dequant_rows<at::BFloat16>(a, out.data_ptr<at::BFloat16>() + off, i0, i1, simd);
@@ -840,7 +870,7 @@ Tensor sign_dequant(const Tensor& qweight, int64_t K, int64_t row0, int64_t row1
   const uint8_t* QW = qweight.data_ptr<uint8_t>();
   auto fill = [&](auto* O) {
     using T = std::remove_pointer_t<decltype(O)>;
-    at::parallel_for(row0, row1, grain_rows(row1 - row0, K), [&](int64_t i0, int64_t i1) {
+    parallel_rows(row0, row1, min_rows(K), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const uint8_t* row = QW + i * rb;
         T* o = O + (i - row0) * K;
@@ -883,11 +913,11 @@ Tensor codebook_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int
 #if BITNEST_AVX512
   if (simd && codebook_spread_ok(c)) {  // b ≤ 4: tables in a register, no shuffle but the look-up itself
     const std::vector<float> XP = spread_x(X, M, K, spread_nd(c.b));
-    at::parallel_for(0, c.N, grain_rows(c.N, K * M), [&](int64_t i0, int64_t i1) { codebook_spread(c, XP.data(), M, Y, i0, i1); });
+    parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) { codebook_spread(c, XP.data(), M, Y, i0, i1); });
     return y;
   }
 #endif
-  at::parallel_for(0, c.N, grain_rows(c.N, K * M), [&](int64_t i0, int64_t i1) {
+  parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) {
     std::vector<float> T((1 << c.b) + 16), w(c.gsz), acc(M);
 #if BITNEST_AVX512
     const Unpack64 unpack(c.b, c.qw + c.N * c.row_bytes);
@@ -982,7 +1012,7 @@ Tensor codebook_dequant(const Tensor& qweight, int64_t bits, int64_t K, const Te
   const Codebook c = codebook_args(qweight, bits, K, table, scale, group_size);
   TORCH_CHECK(0 <= row0 && row0 <= row1 && row1 <= c.N, "row range");
   Tensor out = at::empty({row1 - row0, K}, qweight.options().dtype(dtype));
-  at::parallel_for(row0, row1, grain_rows(row1 - row0, K), [&](int64_t i0, int64_t i1) {
+  parallel_rows(row0, row1, min_rows(K), [&](int64_t i0, int64_t i1) {
     if (dtype == at::kFloat) codebook_dequant_rows<float>(c, out.data_ptr<float>(), row0, i0, i1, simd);
     else if (dtype == at::kBFloat16) codebook_dequant_rows<at::BFloat16>(c, out.data_ptr<at::BFloat16>(), row0, i0, i1, simd);
     else if (dtype == at::kHalf) codebook_dequant_rows<at::Half>(c, out.data_ptr<at::Half>(), row0, i0, i1, simd);
@@ -1010,7 +1040,7 @@ Tensor int8_linear(const Tensor& xq, const Tensor& wq, bool simd) {
   std::vector<uint8_t> xu(vec ? M * K : 0);
   for (size_t e = 0; e < xu.size(); ++e) xu[e] = static_cast<uint8_t>(static_cast<int32_t>(X[e]) + 128);
 #endif
-  at::parallel_for(0, N, grain_rows(N, K * M), [&](int64_t i0, int64_t i1) {
+  parallel_rows(0, N, min_rows(K * M), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int8_t* w = W + i * K;
 #if BITNEST_AVX512 && defined(__AVX512VNNI__)
@@ -1059,7 +1089,7 @@ Tensor int8_requantize(const Tensor& acc, const optional<Tensor>& bias_q, const 
   const float* Ys = ys.data_ptr<float>();
   const int64_t ystride = ys.numel() == 1 ? 0 : 1;
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / N), [&](int64_t r0, int64_t r1) {
+  parallel_rows(0, M, std::max<int64_t>(1, (1 << 16) / N), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t j = 0; j < N; ++j) {
         const int64_t a = static_cast<int64_t>(A[r * N + j]) + (Bq ? Bq[j] : 0);
@@ -1085,7 +1115,7 @@ Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool c
   uint8_t* O = out.data_ptr<uint8_t>();
   const int s = static_cast<int>(c - r);
   const uint32_t tmax = clamp ? (1u << r) - 1u : (1u << ob) - 1u;
-  at::parallel_for(0, N, grain_rows(N, K), [&](int64_t i0, int64_t i1) {
+  parallel_rows(0, N, min_rows(K), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const uint8_t* in = Q + i * rb_in;
       uint8_t* o = O + i * rb_out;
@@ -1121,8 +1151,8 @@ int64_t stream_read(const Tensor& buf) {
   TORCH_CHECK(buf.is_contiguous() && buf.dtype() == at::kByte, "a contiguous uint8 buffer");
   const uint8_t* p = buf.data_ptr<uint8_t>();
   const int64_t n = buf.numel() / 64 * 64;
-  std::vector<int64_t> partial(std::max(1, at::get_num_threads()) * 64, 0);
-  at::parallel_for(0, n / 64, 1 << 12, [&](int64_t b0, int64_t b1) {
+  std::atomic<int64_t> check{0};
+  parallel_rows(0, n / 64, 1 << 12, [&](int64_t b0, int64_t b1) {
     int64_t s = 0;
 #if BITNEST_AVX512
     __m512i acc = _mm512_setzero_si512();
@@ -1131,11 +1161,9 @@ int64_t stream_read(const Tensor& buf) {
 #else
     for (int64_t b = b0 * 64; b < b1 * 64; b += 8) { int64_t v; std::memcpy(&v, p + b, 8); s ^= v; }
 #endif
-    partial[at::get_thread_num() * 64] ^= s;
+    check.fetch_xor(s);
   });
-  int64_t s = 0;
-  for (int64_t v : partial) s ^= v;
-  return s;
+  return check.load();
 }
 
 }  // namespace
