@@ -35,9 +35,9 @@ def command() -> str:
 
 def load(name: str, data_dir=None):
     from bitnest.models.hf import load_model
-    from bitnest.paths import data_dir as dd
+    from bitnest.paths import data_file
     rel, ctx = MODELS[name]
-    return load_model(dd(data_dir) / rel), ctx
+    return load_model(data_file(rel, data_dir)), ctx
 
 
 def eval_row(model, tok, ctx, *, data_dir=None, limit=None, storage=torch.bfloat16, only=None, progress=False) -> dict:

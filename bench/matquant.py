@@ -47,7 +47,7 @@ from bitnest.eval.report import evaluate
 from bitnest.mixnmatch import STRATEGIES, apply_mix, mix_summary, search_mix, strategy_mix
 from bitnest.models.blocks import select_linears
 from bitnest.models.hf import load_model
-from bitnest.paths import data_dir
+from bitnest.paths import data_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, header, write_json, write_section  # noqa: E402
@@ -98,8 +98,7 @@ def floats(s: str) -> list[float]:
 class Bench:
     def __init__(self, args):
         self.args = args
-        root = data_dir(args.data_dir)
-        loaded = load_model(root / "models" / MODEL)
+        loaded = load_model(data_file(f"models/{MODEL}", args.data_dir))
         self.fp, self.tok, self.storage = loaded.model, loaded.tokenizer, loaded.storage_dtype
         self.ffn = select_linears(self.fp, "ffn")
         self.rows: list[dict] = []

@@ -142,8 +142,8 @@ class Survey:
 
     # -- inputs shared by the rows
     def _hf_dir(self):
-        from bitnest.paths import data_dir
-        p = data_dir(self.args.data_dir) / MODELS[self.name][0]
+        from bitnest.paths import data_file
+        p = data_file(MODELS[self.name][0], self.args.data_dir)
         return p if p.is_dir() else None
 
     def c4_windows(self, n: int) -> torch.LongTensor:
@@ -259,8 +259,8 @@ class Survey:
         return make
 
     def source_path(self):
-        from bitnest.paths import data_dir
-        return data_dir(self.args.data_dir) / MODELS[self.name][0]
+        from bitnest.paths import data_file
+        return data_file(MODELS[self.name][0], self.args.data_dir)
 
     # -- the plan
     def plan(self) -> list[Spec]:

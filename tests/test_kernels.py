@@ -81,6 +81,23 @@ def test_affine_fast_equals_reference(simd, c):
     assert_close(kernels.linear(x, p), ref, c["dtype"], what=str(c), scale=condition(x, reference.affine_weight(p)))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("group_size", [None, 32, 64, 128, 256, 512])
+def test_bf16_pair_kernels_equal_reference(bits, group_size):
+    """bf16 activations at b = 1, 2, 4 on blocks that tile (K a multiple of 16·32/b): the vdpbf16ps pair kernels
+    where the CPU has AVX512-BF16 (both halves of every dword, every group layout, 1–16 rows)."""
+    g = torch.Generator().manual_seed(bits * 1000 + (group_size or 0))
+    for n_in, m in ((1024, 1), (512, 5), (2048, 16)):
+        if group_size and group_size > n_in:
+            continue
+        for symmetric in ((False, True) if bits >= 2 else (False,)):
+            p = random_affine(g, 24, n_in, bits, 8 if bits > 1 else 1, group_size, symmetric)
+            x = _x(g, m, n_in, torch.bfloat16)
+            ref = reference.affine_linear(x.float(), p)
+            assert_close(kernels.linear(x, p), ref, torch.bfloat16, what=f"b={bits} g={group_size} K={n_in} m={m}",
+                         scale=condition(x, reference.affine_weight(p)))
+
+
 @given(st.integers(1, 7), st.sampled_from([None, 64, 128]), st.sampled_from(BATCHES), st.integers(0, 2**31 - 1))
 @settings(**SETTINGS)
 def test_extra_precision_and_activation_quantization(simd, bits, group_size, m, seed):

@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bits", type=int, help="serve a Matryoshka checkpoint at this many bits")
     e.add_argument("--data", default="wikitext2", help="wikitext2 | c4 (held-out rows 1800-1999) | a .txt/.jsonl file")
     e.add_argument("--ctx", type=int, help="window length (default: min(2048, max positions); ref-10m was trained at 256)")
-    e.add_argument("--limit", type=int, help="evaluate only the first N windows")
+    e.add_argument("--tasks", help="zero-shot tasks instead of perplexity, lm-eval conventions, from the data dir: "
+                   "comma-separated from piqa, arc_easy, arc_challenge, boolq, winogrande, lambada, openbookqa, copa, "
+                   "hellaswag (or default = the first eight, all)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N windows (with --tasks: the first N items per task)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--teacher", help="FP model for KL/top-1 (default: the checkpoint's source model; 'none' to skip)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -139,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="what a checkpoint holds: method, bits, per-layer bits, size")
     _add_common(i, model_required=True)
     i.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("report", help="one HTML page (+ markdown, PNGs, JSON) on checkpoints: quality next to FP, "
+                       "perplexity vs bits with the Pareto front, per-layer precision, training curves, speed")
+    r.add_argument("ckpts", nargs="+", metavar="CKPT", help="bitnest checkpoints (their source model is the FP row)")
+    r.add_argument("--out", required=True, help="directory for report.html, report.md, report.json and the PNGs")
+    r.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
+    r.add_argument("--data", default="wikitext2,c4", help="perplexity datasets, comma-separated (default wikitext2,c4)")
+    r.add_argument("--data-dir", help="directory holding data/ (default: $BITNEST_DATA_DIR or ../shared beside the checkout)")
+    r.add_argument("--ctx", type=int, help="window length (default: min(256, max positions))")
+    r.add_argument("--limit", type=int, default=16, help="windows per dataset (default 16)")
+    r.add_argument("--budgets", default="3,5", help="Mix'n'Match budgets (bits per weight) shown for Matryoshka checkpoints")
+    r.add_argument("--tasks", help="zero-shot tasks to add (as bitnest eval --tasks)")
+    r.add_argument("--task-limit", type=int, default=200, help="items per task (default 200)")
+    r.add_argument("--speed", action="store_true", help="also measure decode tokens/s (batch 1, greedy)")
+    r.add_argument("--no-progress", action="store_true")
 
     d = sub.add_parser("demo", help="quantize the default model at several precisions and print the table")
     _add_common(d)

@@ -125,6 +125,8 @@ def cmd_eval(args) -> int:
     from .eval.report import evaluate
 
     loaded = _load(args, bits=args.bits)
+    if args.tasks:
+        return _eval_tasks(args, loaded)
     res = evaluate(loaded.model, loaded.tokenizer, args.data, data_dir=args.data_dir, ctx=args.ctx,
                    limit=args.limit, batch_size=args.batch_size, teacher=_teacher(args, loaded),
                    storage_dtype=loaded.storage_dtype, progress=not args.no_progress)
@@ -138,6 +140,21 @@ def cmd_eval(args) -> int:
           f"  ctx {res['ctx']}{lim}")
     print(f"bits/weight {res['bits_per_weight']:.3f}  model {res['model_bytes'] / 2**20:.2f} MiB"
           + (f"  KL {res['kl']:.4f}  top-1 {res['top1']:.4f}" if "kl" in res else ""))
+    return 0
+
+
+def _eval_tasks(args, loaded) -> int:
+    from .eval.tasks import evaluate_tasks, format_table
+
+    res = evaluate_tasks(loaded.model, loaded.tokenizer, args.tasks, data_dir=args.data_dir, limit=args.limit,
+                         ctx=args.ctx, batch_size=args.batch_size, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({"model": loaded.source, "bits": args.bits, "tasks": res}))
+        return 0
+    print(f"{loaded.source}" + (f" at {args.bits} bits" if args.bits else "") + " — zero-shot, lm-eval conventions, ± bootstrap s.e.")
+    print(format_table(res))
+    if any(r["trained_on"] for r in res.values()):
+        print("† its text is in ref-10m's training data: do not read it as zero-shot on that model")
     return 0
 
 
@@ -325,4 +342,24 @@ def _generate_one(args, loaded, prompt: str) -> int:
         print()
         print(f"[{res.new_tokens} tokens in {res.seconds:.2f} s: {res.decode_tok_s:.1f} tok/s decode, prefill "
               f"{res.prompt_tokens} tokens in {res.prefill_seconds * 1e3:.0f} ms; {stats['precision']}]", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build
+
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise BitnestError(f"output {out} already exists and is not empty (pass --overwrite to write into it)")
+    try:
+        budgets = tuple(float(b) for b in args.budgets.split(",") if b.strip())
+    except ValueError:
+        raise BitnestError(f"--budgets takes comma-separated bits per weight like 3,5, got {args.budgets!r}") from None
+    for c in args.ckpts:
+        if not (Path(c) / "config.json").is_file():
+            raise BitnestError(f"{c} is not a bitnest checkpoint directory (no config.json)")
+    page = build(args.ckpts, out, data=tuple(d for d in args.data.split(",") if d), data_dir=args.data_dir,
+                 ctx=args.ctx, limit=args.limit, budgets=budgets, tasks=args.tasks, task_limit=args.task_limit,
+                 speed=args.speed, progress=not args.no_progress)
+    print(f"wrote {page} (+ report.md, report.json, {len(list(out.glob('*.png')))} figures)")
     return 0

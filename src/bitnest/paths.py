@@ -35,8 +35,23 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     )
 
 
+def data_file(rel: str, explicit: str | os.PathLike | None = None) -> Path:
+    """`rel` ("data/…" or "models/…") under the data directory. The directory may be the shared folder holding
+    `data/` and `models/`, or the `data` folder itself (a user passes the folder that has the files): then
+    "data/x" is looked up as "x", and "models/…" beside it. Returns the first candidate that exists (else the
+    first one, for the error message)."""
+    root = data_dir(explicit)
+    head, _, tail = rel.partition("/")
+    tries = [root / rel]
+    if head == "data":
+        tries.append(root / tail)
+    elif not (root / head).exists():
+        tries.append(root.parent / rel)
+    return next((p for p in tries if p.exists()), tries[0])
+
+
 def default_model(explicit_data_dir: str | os.PathLike | None = None) -> Path:
-    p = data_dir(explicit_data_dir) / DEFAULT_MODEL
+    p = data_file(DEFAULT_MODEL, explicit_data_dir)
     if not p.is_dir():
         raise BitnestError(f"default model {p} not found; pass --model DIR (a Hugging Face model directory)")
     return p

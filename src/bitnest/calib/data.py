@@ -38,9 +38,9 @@ class CalibOptions:
 
 def _c4_train_docs(data_dir=None) -> list[str]:
     from ..eval.data import C4_SAMPLE, _read_jsonl_texts
-    from ..paths import data_dir as resolve
+    from ..paths import data_file
 
-    path = resolve(data_dir) / C4_SAMPLE
+    path = data_file(C4_SAMPLE, data_dir)
     if not path.is_file():
         raise BitnestError(f"{path} not found; pass calib_data=generate or a text file")
     return _read_jsonl_texts(path, C4_TRAIN)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitnestError
-from ..paths import data_dir as _resolve_data_dir
+from ..paths import data_file
 
 WIKITEXT2_TEST = "data/wikitext2_raw/wiki.test.raw"
 C4_SAMPLE = "data/c4_validation_sample/c4_validation_2k.jsonl"
@@ -70,9 +70,8 @@ def load_eval_text(name: str, data_dir: str | os.PathLike | None = None) -> str:
     """
     key = str(name).lower()
     if key in DATASETS:
-        root = _resolve_data_dir(data_dir)
         rel = WIKITEXT2_TEST if key == "wikitext2" else C4_SAMPLE
-        path = root / rel
+        path = data_file(rel, data_dir)
         if not path.is_file():
             raise BitnestError(f"{path} not found; pass --data-dir DIR (the shared directory holding {rel})")
         if key == "wikitext2":

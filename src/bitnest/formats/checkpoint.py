@@ -144,6 +144,9 @@ def save_quantized(model, tokenizer, out: str | os.PathLike, quantization_config
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        history = getattr(getattr(model, "bitnest_train", None), "history", None)
+        if history:  # the training curve travels with the checkpoint (bitnest report plots it)
+            (tmp / "training_history.json").write_text(json.dumps(history, default=float))
     return out
 
 

@@ -417,7 +417,51 @@ struct Spread {
     const __m512i v = sh >= 0 ? _mm512_slli_epi32(dw, sh) : _mm512_srli_epi32(dw, -sh);
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, mask, expc, 0xEA));  // (v & mask) | expc
   }
+  static constexpr int STEPS = ND;  // vectors per block
+  static constexpr int XE = E;      // floats of one block's activations, per activation row
+  template <int K>
+  static BN_INLINE __m512 madd(__m512 w, const float* xb, __m512 acc) {
+    return _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + 16 * K), acc);
+  }
 };
+
+#if defined(__AVX512BF16__)
+#define BN_PAIR 1
+// bf16 activations, b = 1, 2, 4: two codes of a dword, P and P + ND/2 (16 bits apart), become a pair of bf16 with
+// one shift and one ternary-logic op (code at bits 7−b..6 of each half, exponent 127 + b: exactly 2^b + q, which
+// bf16's 8-bit significand holds for b ≤ 7), and one vdpbf16ps multiplies 32 of them with 32 bf16 activations.
+// Products of two bf16 are exact in fp32 and are summed in fp32 (denormals flushed), so the result equals the
+// fp32 kernel's on the same (bf16) activations up to summation order — with half the decode and FMA work.
+template <int B>
+struct SpreadPair {
+  static_assert(B == 1 || B == 2 || B == 4, "pairs 16 bits apart: b = 1, 2, 4");
+  static constexpr int ND = 32 / B;
+  static constexpr int BYTES = 64;
+  static constexpr int E = 16 * ND;
+  static constexpr int STEPS = ND / 2;
+  static constexpr int XE = E / 2;  // a block's bf16 activations, counted in floats
+  __m512i mask, expc;
+  const uint8_t* end;
+  explicit SpreadPair(const uint8_t* buffer_end) : end(buffer_end) {
+    const uint32_t m = ((1u << B) - 1u) << (7 - B), e = (127u + B) << 7;
+    mask = _mm512_set1_epi32(static_cast<int>(m | (m << 16)));
+    expc = _mm512_set1_epi32(static_cast<int>(e | (e << 16)));
+  }
+  BN_INLINE __m512i block(const uint8_t* src) const { return load64(src, ~0ULL, end); }
+  template <int P>
+  BN_INLINE __m512 code(__m512i dw) const {
+    constexpr int sh = 7 - B - P * B;
+    const __m512i v = sh >= 0 ? _mm512_slli_epi32(dw, sh) : _mm512_srli_epi32(dw, -sh);
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, mask, expc, 0xEA));
+  }
+  template <int P>
+  static BN_INLINE __m512 madd(__m512 w, const float* xb, __m512 acc) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(w), (__m512bh)_mm512_loadu_si512(xb + 16 * P));
+  }
+};
+#else
+#define BN_PAIR 0
+#endif
 
 // x (M, K) -> block-major, the order of the spread vectors: xp[(β·M + m)·E + 16k + d] = x[m, β·E + d·ND + k].
 // A block's activations for all M rows are contiguous, so the kernel addresses them with one base pointer and
@@ -435,6 +479,27 @@ std::vector<float> spread_x(const float* X, int64_t M, int64_t K, int nd) {
   return xp;
 }
 
+#if BN_PAIR
+// bf16 x (M, K) -> the pair layout: 32-bit word (16P + d) of block β, row m holds x[m, β·E + d·ND + P] (low half)
+// and x[m, β·E + d·ND + P + ND/2] (high half), the codes one shift of a dword puts there.
+std::vector<float> spread_x_pair(const uint16_t* X, int64_t M, int64_t K, int nd) {
+  std::vector<float> xp(M * K / 2);
+  uint16_t* o16 = reinterpret_cast<uint16_t*>(xp.data());
+  const int64_t E = 16 * nd;
+  for (int64_t b0 = 0; b0 < K / E; ++b0)
+    for (int64_t m = 0; m < M; ++m) {
+      uint16_t* o = o16 + (b0 * M + m) * E;
+      const uint16_t* x = X + m * K + b0 * E;
+      for (int p = 0; p < nd / 2; ++p)
+        for (int d = 0; d < 16; ++d) {
+          o[32 * p + 2 * d] = x[d * nd + p];
+          o[32 * p + 2 * d + 1] = x[d * nd + p + nd / 2];
+        }
+    }
+  return xp;
+}
+#endif
+
 // xb: the block's activations of the pass's first row; row m at xb + m·E
 template <int B, int MB, int NU, int K_>
 BN_INLINE void spread_codes(const Spread<B>& sp, __m512i dw, const float* xb, __m512 (&acc)[MB][NU]) {
@@ -446,10 +511,10 @@ BN_INLINE void spread_codes(const Spread<B>& sp, __m512i dw, const float* xb, __
 
 // Decoders: one weight format as the spread kernel sees it — per-row state, the per-group fold factor, and
 // how code K of every dword becomes 16 floats.
-template <int B_>
+template <int B_, class SP_ = Spread<B_>>
 struct AffineDec {  // ŵ = α'((2^b + q) − (z' + 2^b)): accumulate Σ (2^b + q) x, fold α' per group, subtract the z terms
   static constexpr int B = B_;
-  using SP = Spread<B>;
+  using SP = SP_;
   const Affine& a;
   const SP sp;
   std::vector<float> alpha, zterm;  // of the current row
@@ -512,8 +577,8 @@ template <class D, int MB, int NU, int K_>
 BN_INLINE void spread_block(const D& d, __m512i dw, const float* xb, __m512 (&acc)[MB][NU]) {
   const __m512 w = d.template decode<K_>(dw);
   for (int m = 0; m < MB; ++m)
-    acc[m][K_ % NU] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * D::SP::E + 16 * K_), acc[m][K_ % NU]);
-  if constexpr (K_ + 1 < D::SP::ND) spread_block<D, MB, NU, K_ + 1>(d, dw, xb, acc);
+    acc[m][K_ % NU] = D::SP::template madd<K_>(w, xb + m * D::SP::XE, acc[m][K_ % NU]);
+  if constexpr (K_ + 1 < D::SP::STEPS) spread_block<D, MB, NU, K_ + 1>(d, dw, xb, acc);
 }
 
 template <class D>
@@ -535,12 +600,13 @@ struct SpreadKernel {
   // Y[m, i] += Σ over blocks [blk0, blk1) of weight row i · x rows m0..m0+MB, folded per group unless whole
   template <int MB, int NU, bool PER_BLOCK>
   void run(int64_t i, const float* XP, int64_t M, float* Y, int64_t m0, int64_t blk0, int64_t blk1) {
-    const int64_t step = whole ? blk1 - blk0 : bpg, xstride = M * SP::E;
+    const int64_t step = whole ? blk1 - blk0 : bpg, xstride = M * SP::XE;
     const uint8_t* row = d.row(i);
-    const float* Xm = XP + m0 * SP::E;
-    __m512 tot[MB];
-    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+    const float* Xm = XP + m0 * SP::XE;
+    __m512 tot[MB], tot2[MB];  // folds of even and odd groups: two dependency chains, not one
+    for (int m = 0; m < MB; ++m) tot[m] = tot2[m] = _mm512_setzero_ps();
     int64_t g = PER_BLOCK ? blk0 * gpb : blk0 / bpg;
+    bool odd = false;
     for (int64_t b0 = blk0; b0 < blk1; b0 += step) {  // one group (one block when PER_BLOCK)
       if (!whole && !PER_BLOCK) d.group_start(i, g);
       __m512 acc[MB][NU];
@@ -555,10 +621,14 @@ struct SpreadKernel {
         const __m512 vs = PER_BLOCK ? _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(d.scales() + g))
                                     : _mm512_set1_ps(d.scales()[g]);
         g += PER_BLOCK ? gpb : 1;
-        for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(vs, sum_vectors(acc[m], NU), tot[m]);
+        if (odd)
+          for (int m = 0; m < MB; ++m) tot2[m] = _mm512_fmadd_ps(vs, sum_vectors(acc[m], NU), tot2[m]);
+        else
+          for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(vs, sum_vectors(acc[m], NU), tot[m]);
+        odd = !odd;
       }
     }
-    for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(tot[m]);
+    for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(_mm512_add_ps(tot[m], tot2[m]));
   }
 };
 
@@ -568,13 +638,28 @@ struct SpreadKernel {
 // bounds in the inner loop); one row (decode) takes a single segment.
 template <class D, bool PER_BLOCK>
 void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
-  constexpr int ND = D::SP::ND, N1 = ND >= 8 ? 8 : ND;
+  constexpr int ST = D::SP::STEPS, N1 = ST >= 8 ? 8 : ST;
   SpreadKernel<D> kr(d);
   const int64_t E = D::SP::E, unit = kr.unit(), N = d.N();
   const int64_t seg = M == 1 ? d.K() : std::max<int64_t>(unit, (6144 / M) / unit * unit);  // M·seg floats ≈ 24 KB
   const bool short_groups = !kr.whole && kr.bpg < 4;  // fewer accumulators: cheaper folds
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t m = 0; m < M; ++m) Y[m * N + i] = 0.f;
+  if (seg >= d.K()) {  // one segment (decode): finish each row while its parameters are loaded
+    for (int64_t i = i0; i < i1; ++i) {
+      d.load_row(i);
+      int64_t m0 = 0;
+      for (; m0 + 8 <= M; m0 += 8) kr.template run<8, 1, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks);
+      if (m0 + 4 <= M) { kr.template run<4, 2, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks); m0 += 4; }
+      if (m0 + 2 <= M) { kr.template run<2, 4, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks); m0 += 2; }
+      if (m0 < M) {
+        if (short_groups) kr.template run<1, 2, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks);
+        else kr.template run<1, N1, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks);
+      }
+      for (int64_t m = 0; m < M; ++m) Y[m * N + i] = d.finish(m, Y[m * N + i], S);
+    }
+    return;
+  }
   for (int64_t k0 = 0; k0 < d.K(); k0 += seg) {
     const int64_t blk0 = k0 / E, blk1 = std::min(d.K(), k0 + seg) / E;
     for (int64_t i = i0; i < i1; ++i) {
@@ -626,6 +711,17 @@ bool affine_spread(const Affine& a, const float* XP, int64_t M, const float* S, 
     default: return false;
   }
 }
+
+#if BN_PAIR
+void affine_spread_pair(const Affine& a, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  auto go = [&](auto dec) { spread_dispatch(dec, XP, M, S, Y, i0, i1); };
+  switch (a.b) {
+    case 1: go(AffineDec<1, SpreadPair<1>>(a)); break;
+    case 2: go(AffineDec<2, SpreadPair<2>>(a)); break;
+    default: go(AffineDec<4, SpreadPair<4>>(a)); break;
+  }
+}
+#endif
 
 bool affine_spread_ok(const Affine& a) {
   switch (a.b) {
@@ -714,8 +810,9 @@ void extra_precision(const Affine& a, const float* X, int64_t M, float* Y, int64
     }
 }
 
-// y (M, N) fp32 for activations X (M, K) fp32, contiguous
-Tensor affine_run(const Affine& a, const Tensor& xf, bool simd) {
+// y (M, N) fp32 for activations X (M, K) fp32, contiguous; `xbf`, when defined, the same activations in bf16
+// (they were bf16 to begin with), which the b = 1, 2, 4 kernels multiply in pairs
+Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xbf = Tensor()) {
   const int64_t K = a.K, M = xf.size(0);
   Tensor y = at::empty({M, a.N}, xf.options());
   const float* X = xf.data_ptr<float>();
@@ -724,10 +821,19 @@ Tensor affine_run(const Affine& a, const Tensor& xf, bool simd) {
   const bool vec = simd && a.simd_ok();
 #if BITNEST_AVX512
   const bool sw = vec && affine_spread_ok(a);
-  const std::vector<float> XP = sw ? spread_x(X, M, K, spread_nd(a.b)) : std::vector<float>();
+  const bool pair = BN_PAIR && sw && xbf.defined() && (a.b == 1 || a.b == 2 || a.b == 4);
+  std::vector<float> XP;
+#if BN_PAIR
+  if (pair) XP = spread_x_pair(reinterpret_cast<const uint16_t*>(xbf.data_ptr<at::BFloat16>()), M, K, spread_nd(a.b));
+#endif
+  if (sw && !pair) XP = spread_x(X, M, K, spread_nd(a.b));
 #endif
   parallel_rows(0, a.N, min_rows(K * M), [&](int64_t i0, int64_t i1) {
 #if BITNEST_AVX512
+#if BN_PAIR
+    if (pair) affine_spread_pair(a, XP.data(), M, S.data(), Y, i0, i1);
+    else
+#endif
     if (sw) affine_spread(a, XP.data(), M, S.data(), Y, i0, i1);
     else if (vec) affine_rows_avx512(a, X, M, S.data(), Y, i0, i1);
     else
@@ -743,7 +849,9 @@ Tensor affine_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int64
                      const optional<Tensor>& ep_rowptr, const optional<Tensor>& ep_cols, bool simd) {
   const Affine a = affine_args(qweight, bits, K, scale, zero, zc, group_size, shift, ep_rowptr, ep_cols);
   TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
-  return affine_run(a, x.reshape({-1, K}).to(at::kFloat).contiguous(), simd);
+  const Tensor x2 = x.reshape({-1, K});
+  const Tensor xbf = x2.scalar_type() == at::kBFloat16 ? x2.contiguous() : Tensor();
+  return affine_run(a, x2.to(at::kFloat).contiguous(), simd, xbf);
 }
 
 // Sign layers (OneBit, BitNet): y = ((x ⊙ g) · Sᵀ) ⊙ h with S = 1 − 2·bit, i.e. the 1-bit affine grid α = −2,

@@ -1,0 +1,1 @@
+"""Where users already are: transformers' `from_pretrained` (hf), lm-evaluation-harness (lm_eval)."""
