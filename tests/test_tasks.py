@@ -128,7 +128,7 @@ def test_scores_match_lm_eval(ref10m_path, shared, one_thread):
     from lm_eval.models.huggingface import HFLM
 
     from bitnest.models.hf import load_model
-    lm = HFLM(pretrained=str(ref10m_path), dtype="float32", batch_size=4, max_length=256)
+    lm = HFLM(pretrained=str(ref10m_path), dtype="float32", batch_size=4, max_length=256, device="cpu")
     loaded = load_model(ref10m_path)
     items = load_task("piqa", limit=2) + load_task("copa", limit=2) + load_task("lambada", limit=2) + \
         load_task("winogrande", limit=2)
@@ -138,3 +138,23 @@ def test_scores_match_lm_eval(ref10m_path, shared, one_thread):
     for (a, ga), (b, gb) in zip(ours, theirs):
         assert a == pytest.approx(b, abs=1e-3) and ga == gb
     assert lm_eval is not None
+
+
+def test_lm_eval_adapter_serves_a_matryoshka_checkpoint(ref10m_path, shared, tmp_path, one_thread):
+    """`--model bitnest` (lm-eval's HFLM through transformers' from_pretrained) at bits=4 scores what bitnest's
+    own loader at 4 bits scores (skipped where lm-eval is absent)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from bitnest.cli import main
+    from bitnest.integrations.lm_eval import BitnestLM
+    from bitnest.models.hf import load_model
+    ck = tmp_path / "s8"
+    assert main(["quantize", "--model", str(ref10m_path), "--method", "sliced", "--out", str(ck), "--no-progress"]) == 0
+    lm = BitnestLM(pretrained=str(ck), bits="4", dtype="float32", batch_size=4, max_length=256, device="cpu")
+    assert lm.model.precision()["bits"] == 4
+    pairs = [(c, k) for it in load_task("copa", limit=3) for c, k in zip(it.contexts, it.continuations)]
+    theirs = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    loaded = load_model(ck, bits=4)
+    ours = loglikelihoods(loaded.model, loaded.tokenizer, pairs, max_length=256, progress=False)
+    assert [round(a, 3) for a, _ in ours] == [round(b, 3) for b, _ in theirs]

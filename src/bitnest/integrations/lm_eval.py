@@ -21,11 +21,11 @@ import bitnest  # noqa: F401  registers quant_method "bitnest" with transformers
 @register_model("bitnest")
 class BitnestLM(HFLM):
     def __init__(self, pretrained: str, bits: int | str | None = None, budget: float | str | None = None, **kwargs):
-        if bits is not None or budget is not None:
-            from .hf import BitnestConfig
-            kwargs["quantization_config"] = BitnestConfig(bits=int(bits) if bits is not None else None,
-                                                          budget=float(budget) if budget is not None else None)
         super().__init__(pretrained=pretrained, **kwargs)
+        if bits is not None or budget is not None:  # the run-time switch: equal to loading at that precision
+            from .. import runtime
+            runtime.set_precision(self.model, int(bits) if bits is not None else None,
+                                  budget=float(budget) if budget is not None else None)
 
 
 def main() -> int:
