@@ -700,10 +700,20 @@ def main():
         shapes = SHAPES[:1] if args.quick else SHAPES
         reps = {1: 15, 16: 9, 512: 3} if args.quick else {1: 41, 16: 21, 512: 5}
         layer_rows, notes = layer_bench(shapes, BATCHES, reps, bw)
+    kept = ""
     if not args.layers_only:
         models = ["ref-10m"] if args.quick else ["ref-10m", "tinyllama-1.1b-shape"]
         e2e_rows = e2e_bench(models, decode=128, prefill=512, rounds=1 if args.quick else 2)
+    elif (RESULTS / "speed.json").exists() and not args.quick:
+        # a layers-only run keeps the end-to-end rows of the last full run (their ratios were measured side by
+        # side in that run); the report says which run each table comes from
+        e2e_rows = [r for r in json.loads((RESULTS / "speed.json").read_text()) if r.get("kind") == "e2e"]
+        if e2e_rows:
+            kept = time.strftime("%Y-%m-%d %H:%M", time.localtime((RESULTS / "speed.json").stat().st_mtime))
     text, res = write_report(bw, layer_rows, e2e_rows, notes, time.time() - t0, args.quick)
+    if kept:
+        text = text.replace("### End to end", f"End-to-end tables: kept from the full run of {kept} (same "
+                            "command); this run was `--layers-only`.\n\n### End to end", 1)
     print("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}: {w} — {d}" for w, ok, d in res))
     if not (args.quick or args.no_write):
         write_json("speed.json", [dict(r, machine_bandwidth_gbs=bw) for r in layer_rows + e2e_rows])

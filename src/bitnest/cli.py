@@ -143,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(i, model_required=True)
     i.add_argument("--json", action="store_true")
 
+    x = sub.add_parser("export", help="write a bitnest checkpoint as GPTQ, compressed-tensors or GGUF (for "
+                       "transformers/GPTQModel/vLLM/llama.cpp), at a chosen precision of a Matryoshka checkpoint")
+    x.add_argument("--model", required=True, help="a bitnest checkpoint directory")
+    x.add_argument("--to", required=True, choices=("gptq", "compressed-tensors", "gguf"))
+    x.add_argument("--bits", type=int, help="Matryoshka checkpoint: the width to export")
+    x.add_argument("--budget", type=float, help="Matryoshka checkpoint: the Mix'n'Match mix within this many bits/weight")
+    x.add_argument("--out", required=True, help="output directory (gptq, compressed-tensors) or .gguf file")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--approximate", action="store_true",
+                   help="round real-valued zero points to integers where the format needs them (reports the change)")
+    x.add_argument("--gptq-format", choices=("v1", "v2"), default="v1",
+                   help="GPTQ zero-point convention: v1 stores z − 1 (AutoGPTQ, transformers), v2 stores z (GPTQModel)")
+    x.add_argument("--data-dir")
+
     r = sub.add_parser("report", help="one HTML page (+ markdown, PNGs, JSON) on checkpoints: quality next to FP, "
                        "perplexity vs bits with the Pareto front, per-layer precision, training curves, speed")
     r.add_argument("ckpts", nargs="+", metavar="CKPT", help="bitnest checkpoints (their source model is the FP row)")

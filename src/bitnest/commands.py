@@ -363,3 +363,18 @@ def cmd_report(args) -> int:
                  speed=args.speed, progress=not args.no_progress)
     print(f"wrote {page} (+ report.md, report.json, {len(list(out.glob('*.png')))} figures)")
     return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # fail before the work, not after
+        raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+    kw = {"gptq_format": args.gptq_format} if args.to == "gptq" else {}
+    res = export(args.model, args.to, args.out, bits=args.bits, budget=args.budget, approximate=args.approximate,
+                 overwrite=args.overwrite, **kw)
+    approx = res.get("max_abs_weight_change", 0.0)
+    print(f"wrote {res['out']}: {args.to}, {res['layers']} layers"
+          + (f", approximate (largest weight change {approx:.3g})" if approx else ", exact"))
+    return 0

@@ -5,7 +5,8 @@ Granularity is a group size along the input dimension of W (out, in):
   - `group_size=-1`    per tensor,
   - `group_size=g`     per group of g consecutive inputs (g must divide `in`).
 Asymmetric (the MatQuant base quantizer, methods.md §1): α = (max − min)/(2^b − 1), z = −min/α, with z
-kept real-valued as in the paper. Symmetric: α = max|w| / (2^(b−1) − 1), z = 2^(b−1) (implicit, not
+kept real-valued as in the paper; `int_zero=True` rounds z to an integer code in [0, 2^b − 1] (GPTQ's and
+compressed-tensors' and GGUF's convention, so an export represents the grid exactly). Symmetric: α = max|w| / (2^(b−1) − 1), z = 2^(b−1) (implicit, not
 stored), so 0 is exact. α and z are rounded to their storage dtype (fp16) *before* codes are computed, so
 the fake-quant forward used in training equals the forward of the packed checkpoint exactly.
 """
@@ -25,6 +26,7 @@ class AffineSpec:
     bits: int = 4
     group_size: int | None = None  # None: per channel, -1: per tensor, g > 0: per group of g inputs
     symmetric: bool = False
+    int_zero: bool = False  # asymmetric only: z rounded to an integer code
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
@@ -82,6 +84,8 @@ def fit(W: torch.Tensor, spec: AffineSpec, gamma: torch.Tensor | None = None, be
     alpha = ((wmax - wmin) / spec.qmax).clamp_min(1e-8)  # (R, G); clamp: constant groups
     alpha = alpha.to(STORE_DTYPE).float()
     z = -wmin / alpha
+    if spec.int_zero:  # an integer code: min maps within α/2 of code 0 (exact in fp16 up to 2048)
+        z = torch.round(z).clamp(0, spec.qmax)
     return alpha.to(STORE_DTYPE), z.to(STORE_DTYPE)
 
 

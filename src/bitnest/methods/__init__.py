@@ -20,6 +20,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int | None = None
     symmetric: bool = False
+    int_zero: bool = False  # asymmetric grids: integer zero points (exact in GPTQ / compressed-tensors / GGUF)
     targets: str | tuple[str, ...] = "all"
     overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
@@ -27,6 +28,10 @@ class QuantConfig:
         AffineSpec(self.bits, self.group_size, self.symmetric)  # validates bits / group size / symmetry
         for pat, b in self.overrides:
             AffineSpec(b, self.group_size, self.symmetric)
+
+    def affine_spec(self, bits: int) -> AffineSpec:
+        """The affine grid of this config at `bits` (granularity, symmetry, zero-point convention)."""
+        return AffineSpec(bits, self.group_size, self.symmetric, self.int_zero)
 
     def bits_for(self, name: str) -> int:
         import fnmatch

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from ..calib.data import CalibOptions
 from ..calib.observers import OBSERVERS, InputStats
 from ..errors import BitnestError
-from ..grids.affine import AffineSpec
 from ..models.blocks import replace_module
 from ..nn.actquant import ACT_MODES, ActQuantLinear, fake_quant_sym
 from ..nn.intlinear import IntLinear
@@ -54,7 +53,7 @@ def actquant(model, config: ActQuantConfig, names: list[str], progress: bool = T
         if config.weights == "gptq":
             g = GPTQConfig(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
             return quantize_linears(lins, st.H, g, [config.bits_for(n) for n in ns])
-        return [QuantLinear.from_linear(lin, AffineSpec(config.bits_for(n), config.group_size, config.symmetric))
+        return [QuantLinear.from_linear(lin, config.affine_spec(config.bits_for(n)))
                 for n, lin in zip(ns, lins)]
 
     if config.act_mode == "dynamic" and config.weights == "rtn":

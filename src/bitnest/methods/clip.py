@@ -29,4 +29,4 @@ def clipped_linear(lin, H, spec: AffineSpec) -> QuantLinear:
 @register("clip", ClipConfig)
 def clip(model, config: ClipConfig, names: list[str], progress: bool = True, calib=None, **_) -> None:
     calibrated(model, config, names, calib, progress=progress, desc="clip", make=lambda ns, lins, st: [clipped_linear(
-        lin, st.H, AffineSpec(config.bits_for(n), config.group_size, config.symmetric)) for n, lin in zip(ns, lins)])
+        lin, st.H, config.affine_spec(config.bits_for(n))) for n, lin in zip(ns, lins)])

@@ -43,7 +43,7 @@ class AffineGrid:
 
     def fit(self, W: torch.Tensor, gamma=None):
         """Params for the columns W (out, k): (alpha, z) each (out, 1) — or (1, 1) for a per-tensor grid."""
-        spec = AffineSpec(self.spec.bits, -1 if self.spec.group_size == -1 else None, self.spec.symmetric)
+        spec = AffineSpec(self.spec.bits, -1 if self.spec.group_size == -1 else None, self.spec.symmetric, self.spec.int_zero)
         return fit(W, spec, gamma, gamma)
 
     def prepare(self, params):
@@ -158,7 +158,7 @@ def quantize_linear(lin, H: torch.Tensor, config: GPTQConfig, bits: int) -> Quan
 
 def _gptq_stack(lins: list, H: torch.Tensor, config: GPTQConfig, bits: int) -> list:
     c = config.parent_bits if config.nested else bits
-    spec = AffineSpec(c, config.group_size, config.symmetric)
+    spec = config.affine_spec(c)
     for lin in lins:
         spec.check_shape(lin.out_features, lin.in_features)
     if config.grid != "affine":

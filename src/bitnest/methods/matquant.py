@@ -280,7 +280,7 @@ class MatQuantConfig(CalibOptions, QuantConfig):
 
     @property
     def spec(self) -> AffineSpec:
-        return AffineSpec(self.parent_bits, self.group_size, self.symmetric)
+        return self.affine_spec(self.parent_bits)
 
 
 # ------------------------------------------------------------------------------------------------ QAT

@@ -35,7 +35,7 @@ class MixedConfig(CalibOptions, QuantConfig):
 def sensitivity_overrides(model, names: list[str], calib, config: MixedConfig, progress: bool = True):
     """(default bits, overrides) meeting config.budget, from KL sensitivities on the calibration tokens."""
     def rtn(lin, b):
-        return QuantLinear.from_linear(lin, AffineSpec(b, config.group_size, config.symmetric))
+        return QuantLinear.from_linear(lin, config.affine_spec(b))
     sens, cost = layer_sensitivity(model, names, calib, tuple(config.candidates), rtn,
                                    batch_size=config.batch_size, progress=progress)
     sizes = {n: model.get_submodule(n).weight.numel() for n in names}

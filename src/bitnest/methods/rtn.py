@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from ..grids.affine import AffineSpec
 from ..models.blocks import replace_module
 from ..nn.qlinear import QuantLinear
 from . import QuantConfig, register
@@ -20,6 +19,6 @@ class RTNConfig(QuantConfig):
 def rtn(model, config: RTNConfig, names: list[str], progress: bool = True, **_) -> None:
     for name in tqdm(names, desc="rtn", disable=not progress, leave=False):
         lin = model.get_submodule(name)
-        spec = AffineSpec(config.bits_for(name), config.group_size, config.symmetric)
+        spec = config.affine_spec(config.bits_for(name))
         spec.check_shape(lin.out_features, lin.in_features, name)
         replace_module(model, name, QuantLinear.from_linear(lin, spec))

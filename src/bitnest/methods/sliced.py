@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from ..errors import BitnestError
-from ..grids.affine import AffineSpec
 from ..models.blocks import replace_module
 from ..nn.qlinear import QuantLinear
 from . import QuantConfig, register
@@ -29,7 +28,7 @@ class SlicedConfig(QuantConfig):
 
 @register("sliced", SlicedConfig)
 def sliced(model, config: SlicedConfig, names: list[str], progress: bool = True, **_) -> None:
-    spec = AffineSpec(config.parent_bits, config.group_size, config.symmetric)
+    spec = config.affine_spec(config.parent_bits)
     for name in tqdm(names, desc="sliced", disable=not progress, leave=False):
         lin = model.get_submodule(name)
         spec.check_shape(lin.out_features, lin.in_features, name)

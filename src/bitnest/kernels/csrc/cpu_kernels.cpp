@@ -603,10 +603,9 @@ struct SpreadKernel {
     const int64_t step = whole ? blk1 - blk0 : bpg, xstride = M * SP::XE;
     const uint8_t* row = d.row(i);
     const float* Xm = XP + m0 * SP::XE;
-    __m512 tot[MB], tot2[MB];  // folds of even and odd groups: two dependency chains, not one
-    for (int m = 0; m < MB; ++m) tot[m] = tot2[m] = _mm512_setzero_ps();
+    __m512 tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
     int64_t g = PER_BLOCK ? blk0 * gpb : blk0 / bpg;
-    bool odd = false;
     for (int64_t b0 = blk0; b0 < blk1; b0 += step) {  // one group (one block when PER_BLOCK)
       if (!whole && !PER_BLOCK) d.group_start(i, g);
       __m512 acc[MB][NU];
@@ -621,14 +620,10 @@ struct SpreadKernel {
         const __m512 vs = PER_BLOCK ? _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(d.scales() + g))
                                     : _mm512_set1_ps(d.scales()[g]);
         g += PER_BLOCK ? gpb : 1;
-        if (odd)
-          for (int m = 0; m < MB; ++m) tot2[m] = _mm512_fmadd_ps(vs, sum_vectors(acc[m], NU), tot2[m]);
-        else
-          for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(vs, sum_vectors(acc[m], NU), tot[m]);
-        odd = !odd;
+        for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(vs, sum_vectors(acc[m], NU), tot[m]);
       }
     }
-    for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(_mm512_add_ps(tot[m], tot2[m]));
+    for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(tot[m]);
   }
 };
 
@@ -645,18 +640,12 @@ void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int
   const bool short_groups = !kr.whole && kr.bpg < 4;  // fewer accumulators: cheaper folds
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t m = 0; m < M; ++m) Y[m * N + i] = 0.f;
-  if (seg >= d.K()) {  // one segment (decode): finish each row while its parameters are loaded
+  if (M == 1) {  // decode: one segment; finish each row while its parameters are loaded
     for (int64_t i = i0; i < i1; ++i) {
       d.load_row(i);
-      int64_t m0 = 0;
-      for (; m0 + 8 <= M; m0 += 8) kr.template run<8, 1, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks);
-      if (m0 + 4 <= M) { kr.template run<4, 2, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks); m0 += 4; }
-      if (m0 + 2 <= M) { kr.template run<2, 4, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks); m0 += 2; }
-      if (m0 < M) {
-        if (short_groups) kr.template run<1, 2, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks);
-        else kr.template run<1, N1, PER_BLOCK>(i, XP, M, Y, m0, 0, kr.nblocks);
-      }
-      for (int64_t m = 0; m < M; ++m) Y[m * N + i] = d.finish(m, Y[m * N + i], S);
+      if (short_groups) kr.template run<1, 2, PER_BLOCK>(i, XP, M, Y, 0, 0, kr.nblocks);
+      else kr.template run<1, N1, PER_BLOCK>(i, XP, M, Y, 0, 0, kr.nblocks);
+      Y[i] = d.finish(0, Y[i], S);
     }
     return;
   }
