@@ -51,7 +51,7 @@ def write_compressed_tensors(loaded, layers: list[Layer], out: Path, *, approxim
     from ..formats.checkpoint import atomic_dir
 
     pack_to_int32, QuantizationArgs, QuantizationConfig, QuantizationScheme = _library()
-    dtype = loaded.storage_dtype if loaded.storage_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    dtype = loaded.storage_dtype  # the unquantized tensors as the checkpoint stores them (nothing re-rounded)
     state = unquantized_state(loaded.model, layers, dtype)
     errors = {}
     for l in layers:
