@@ -145,7 +145,12 @@ def main() -> int:
                        argmax_agreement=float((t.argmax(-1) == o.argmax(-1)).float().mean()))
             row["ppl_rel_diff"] = row["ppl_consumer"] / row["ppl_bitnest"] - 1
         except Exception as e:  # noqa: BLE001  a consumer that does not run here is reported, not fatal
-            row.update(consumer="skipped", note=str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if fmt == "compressed-tensors" and "mismatched" in msg:
+                msg = ("transformers cannot load asymmetric pack-quantized models with this compressed-tensors "
+                       "(zero points stay unpacked in its meta model; llm-compressor#1618) — compressed-tensors' own "
+                       "decompressor returns our weights exactly (tests/test_export.py)")
+            row.update(consumer="skipped", note=msg)
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_json("exports.json", rows)

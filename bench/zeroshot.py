@@ -55,7 +55,8 @@ def rows_for(name: str, fp, tok, ctx: int, a) -> list[tuple[str, object]]:
         runtime.set_precision(m, r)
         out.append((f"MatQuant QAT ({a.mq_steps} steps) int{r}", m))
     ob = copy.deepcopy(fp)
-    quantize(ob, "onebit", steps=a.onebit_steps, progress=False)
+    # 256 teacher-generated sequences, seen several times (generating steps × batch of them dominates otherwise)
+    quantize(ob, "onebit", steps=a.onebit_steps, samples=min(256, a.onebit_steps * 8), progress=False)
     out.append((f"OneBit ({a.onebit_steps} steps)", ob))
     return out
 
@@ -63,9 +64,9 @@ def rows_for(name: str, fp, tok, ctx: int, a) -> list[tuple[str, object]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="ref-10m,stories260K")
-    ap.add_argument("--limit", type=int, default=500, help="items per task (default 500)")
-    ap.add_argument("--mq-steps", type=int, default=200)
-    ap.add_argument("--onebit-steps", type=int, default=300)
+    ap.add_argument("--limit", type=int, default=300, help="items per task (default 300)")
+    ap.add_argument("--mq-steps", type=int, default=48)
+    ap.add_argument("--onebit-steps", type=int, default=150)
     ap.add_argument("--n-calib", type=int, default=128)
     ap.add_argument("--data-dir")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 items, 4 training steps (not for the tables)")
@@ -81,6 +82,7 @@ def main() -> int:
         loaded, ctx = load(name, a.data_dir)
         fp, tok = loaded.model, loaded.tokenizer
         rows = []
+        print(f"{name}: building the quantized rows ...", flush=True)
         for label, m in rows_for(name, fp, tok, ctx, a):
             t = time.perf_counter()
             res = evaluate_tasks(m, tok, TASK_COLS, data_dir=a.data_dir, limit=a.limit, ctx=ctx, progress=False)
