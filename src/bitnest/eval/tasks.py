@@ -297,11 +297,5 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def chance_level(name: str, data_dir=None) -> float:
-    """Accuracy of a uniform guess (for reading a weak model's numbers)."""
-    items = load_task(name, data_dir)
-    return sum(1 / len(it.continuations) for it in items) / len(items) if name != "lambada" else 0.0
-
-
 __all__ = ["TASKS", "DEFAULT_TASKS", "Item", "evaluate_tasks", "loglikelihoods", "encode_pair", "score_items",
-           "format_table", "parse_tasks", "load_task", "chance_level"]
+           "format_table", "parse_tasks", "load_task"]

@@ -158,16 +158,9 @@ def save_hf_dir(tmp: Path, loaded, state: dict[str, torch.Tensor], quantization_
     """config.json (the model's config + `quantization_config`), sharded safetensors, the tokenizer."""
     import json
 
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
+    from ..formats.checkpoint import write_shards
 
-    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors", max_shard_size="2GB")
-    for fname, keys in split.filename_to_tensors.items():
-        save_file({k: state[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": split.tensor_to_filename}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_shards(tmp, state)
     cfg = loaded.model.config.to_dict()
     cfg.pop("quantization_config", None)
     if quantization_config is not None:

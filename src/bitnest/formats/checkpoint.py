@@ -118,26 +118,31 @@ def _publishable(tmp: Path) -> None:
         f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
-def save_quantized(model, tokenizer, out: str | os.PathLike, quantization_config: dict, *,
-                   storage_dtype: torch.dtype = torch.float16, max_shard_size: str | int = "2GB",
-                   overwrite: bool = False) -> Path:
+def write_shards(tmp: Path, state: dict[str, torch.Tensor], max_shard_size: str | int = "2GB") -> None:
+    """`state` as HF-style safetensors shards (model.safetensors, or model-0000i-of-0000n + the index) in `tmp`."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for fname, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_quantized(model, tokenizer, out: str | os.PathLike, quantization_config: dict, *,
+                   storage_dtype: torch.dtype = torch.float16, max_shard_size: str | int = "2GB",
+                   overwrite: bool = False) -> Path:
     out = Path(out)
     qc = {"quant_method": "bitnest", "format_version": FORMAT_VERSION, **quantization_config,
           "storage_dtype": str(storage_dtype).replace("torch.", ""),
           "modules": {n: m.layer_config() for n, m in _packed_modules(model).items()}}
     state = _unique_state(model, storage_dtype)
     with atomic_dir(out, overwrite) as tmp:
-        split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
-                                                   max_shard_size=max_shard_size)
-        for fname, keys in split.filename_to_tensors.items():
-            save_file({k: state[k] for k in keys}, str(tmp / fname), metadata={"format": "pt"})
-        if split.is_sharded:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": split.tensor_to_filename}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_shards(tmp, state, max_shard_size)
         cfg = model.config.to_dict()
         cfg["quantization_config"] = qc
         cfg["dtype"] = qc["storage_dtype"]
