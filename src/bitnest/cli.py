@@ -1,4 +1,4 @@
-"""`bitnest` command line: quantize | eval | generate | slice | info | methods | demo.
+"""`bitnest` command line: quantize | eval | generate | serve | slice | info | export | report | methods | demo.
 
 Every user error ends as one line on stderr (`bitnest: error: ...`) and exit status 2; nothing is left
 half-written (checkpoints are written to a temporary directory and renamed).
@@ -171,6 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task-limit", type=int, default=200, help="items per task (default 200)")
     r.add_argument("--speed", action="store_true", help="also measure decode tokens/s (batch 1, greedy)")
     r.add_argument("--no-progress", action="store_true")
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server; a Matryoshka checkpoint serves every precision, "
+                       "per request (precision field, NAME@int4) or by load (--policy adaptive)")
+    _add_common(v)
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--policy", choices=("fixed", "adaptive"), default="fixed",
+                   help="precision for requests that name none: fixed (--precision) or adaptive (by load)")
+    v.add_argument("--precision", help="the fixed policy's precision (default: the checkpoint's widest), e.g. int4 or mix-3.5")
+    v.add_argument("--ladder", help="adaptive: precisions from widest to narrowest (default 8,4,2)")
+    v.add_argument("--slo-ms", type=float, help="adaptive: p90 time-to-first-token target; above it precision steps down")
+    v.add_argument("--max-queue", type=int, default=8, help="adaptive: waiting + running requests above which precision steps down")
+    v.add_argument("--max-memory-mb", type=float, help="adaptive: process RSS above which precision steps down")
+    v.add_argument("--budgets", default="", help="Mix'n'Match budgets (bits/weight) listed as NAME@mix-B, e.g. 3,5")
+    v.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
+    v.add_argument("--cache-slices", action="store_true",
+                   help="keep every width built so far in memory (switching is free; memory c + Σr bits/weight)")
+    v.add_argument("--api-key", default=os.environ.get("BITNEST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default $BITNEST_API_KEY; none: open)")
+    v.add_argument("--served-model-name", help="the model id in /v1/models (default: the checkpoint folder's name)")
+    v.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
 
     d = sub.add_parser("demo", help="quantize the default model at several precisions and print the table")
     _add_common(d)

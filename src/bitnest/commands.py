@@ -378,3 +378,21 @@ def cmd_export(args) -> int:
     print(f"wrote {res['out']}: {args.to}, {res['layers']} layers"
           + (f", approximate (largest weight change {approx:.3g})" if approx else ", exact"))
     return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import make_server, run
+
+    if not 1 <= args.port <= 65535:
+        raise BitnestError(f"--port must be 1..65535, got {args.port}")
+    try:
+        budgets = tuple(float(b) for b in args.budgets.split(",") if b.strip())
+    except ValueError:
+        raise BitnestError(f"--budgets takes bits per weight like 3,5 (got {args.budgets!r})") from None
+    server = make_server(args.model or _default(args), policy=args.policy, precision=args.precision, ladder=args.ladder,
+                         api_key=args.api_key, slo_ms=args.slo_ms, max_queue=args.max_queue,
+                         max_memory_mb=args.max_memory_mb, max_batch=args.max_batch, budgets=budgets,
+                         cache_slices=args.cache_slices, dtype=getattr(torch, args.dtype),
+                         name=args.served_model_name, allow_pickle=args.allow_pickle)
+    run(server, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,119 @@
+"""Precision by load: which precision serves requests that do not name one.
+
+`fixed`: always the checkpoint's own (widest) precision.
+
+`adaptive`: a ladder of precisions, widest first (default int8 → int4 → int2 for an int8 parent). Every tick the
+engine reports three signals; the controller steps **down** one rung when any is over its limit and **up** one
+rung when all are well under, with hysteresis so it does not flap:
+
+  signal                                   over (step down)           well under (step up)
+  queue: requests waiting + running        > max_queue                ≤ max_queue / 4
+  latency: p90 time to first token over    > slo_ms                   < slo_ms / 2
+    the last `window_s` seconds
+  memory: process RSS                      > max_memory               < 0.9 · max_memory
+
+A step down needs `down_hold_s` since the last change, a step up `up_hold_s` (longer: raising precision under
+load that has only just receded would bounce straight back). Every change is logged (logger `bitnest.serve`)
+and kept in `changes` (served at /v1/precision and counted in /metrics). A request served at a precision is
+finished at that precision: a change applies to requests admitted after it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .precision import Precision
+
+log = logging.getLogger("bitnest.serve")
+
+
+@dataclass
+class Signals:
+    queue: int            # waiting + running requests
+    ttft_p90_ms: float    # over the window; 0 when no request started in it
+    rss_bytes: int
+
+
+@dataclass
+class Adaptive:
+    ladder: list[Precision]         # widest first
+    max_queue: int = 8
+    slo_ms: float | None = None
+    max_memory: int | None = None   # bytes
+    down_hold_s: float = 1.0
+    up_hold_s: float = 5.0
+    window_s: float = 10.0
+    level: int = 0
+    changes: list[dict] = field(default_factory=list)
+    _last_change: float = field(default=float("-inf"))
+    _ttft: deque = field(default_factory=deque)  # (t, seconds)
+
+    name = "adaptive"
+
+    @property
+    def current(self) -> Precision:
+        return self.ladder[self.level]
+
+    def observe_ttft(self, seconds: float, now: float | None = None) -> None:
+        self._ttft.append((time.monotonic() if now is None else now, seconds))
+
+    def ttft_p90_ms(self, now: float) -> float:
+        while self._ttft and self._ttft[0][0] < now - self.window_s:
+            self._ttft.popleft()
+        if not self._ttft:
+            return 0.0
+        xs = sorted(s for _, s in self._ttft)
+        return 1e3 * xs[min(len(xs) - 1, int(0.9 * len(xs)))]
+
+    def _reasons(self, s: Signals) -> tuple[list[str], bool]:
+        over, under = [], True
+        if s.queue > self.max_queue:
+            over.append(f"queue {s.queue} > {self.max_queue}")
+        under &= s.queue <= self.max_queue // 4
+        if self.slo_ms is not None:
+            if s.ttft_p90_ms > self.slo_ms:
+                over.append(f"p90 TTFT {s.ttft_p90_ms:.0f} ms > {self.slo_ms:g} ms")
+            under &= s.ttft_p90_ms < self.slo_ms / 2
+        if self.max_memory is not None:
+            if s.rss_bytes > self.max_memory:
+                over.append(f"RSS {s.rss_bytes / 2**20:.0f} MiB > {self.max_memory / 2**20:.0f} MiB")
+            under &= s.rss_bytes < 0.9 * self.max_memory
+        return over, under
+
+    def tick(self, s: Signals, now: float | None = None) -> Precision | None:
+        """Apply the rule; returns the new precision when it changed."""
+        now = time.monotonic() if now is None else now
+        over, under = self._reasons(s)
+        old = self.level
+        if over and self.level < len(self.ladder) - 1 and now - self._last_change >= self.down_hold_s:
+            self.level += 1
+            why = "; ".join(over)
+        elif not over and under and self.level > 0 and now - self._last_change >= self.up_hold_s:
+            self.level -= 1
+            why = f"room: queue {s.queue}" + (f", p90 TTFT {s.ttft_p90_ms:.0f} ms" if self.slo_ms else "")
+        else:
+            return None
+        self._last_change = now
+        ev = {"time": time.time(), "from": self.ladder[old].label, "to": self.current.label, "reason": why}
+        self.changes.append(ev)
+        log.warning("bitnest serve: precision %s → %s (%s)", ev["from"], ev["to"], why)
+        return self.current
+
+
+@dataclass
+class Fixed:
+    own: Precision
+    changes: list[dict] = field(default_factory=list)
+    name = "fixed"
+
+    @property
+    def current(self) -> Precision:
+        return self.own
+
+    def observe_ttft(self, seconds: float, now: float | None = None) -> None:
+        pass
+
+    def tick(self, s: Signals, now: float | None = None) -> None:
+        return None
