@@ -73,13 +73,14 @@ def start_server(ckpt: Path, a) -> tuple[subprocess.Popen, str]:
     if a.slo_ms:
         cmd += ["--slo-ms", str(a.slo_ms)]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "BITNEST_SHUTDOWN_TIMEOUT": "60"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(RESULTS / "serve_server.log", "a"))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(CACHE.parent / "serve_server.log", "a"))
     url = f"http://127.0.0.1:{port}"
     import httpx
     t0 = time.time()
     while time.time() - t0 < 600:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited ({proc.returncode}); see bench/results/serve_server.log")
+            raise SystemExit(f"server exited ({proc.returncode}); see runs/serve_server.log")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
