@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bitnest.errors import BitnestError
 from bitnest.eval.data import load_eval_text, tokenize_eval_text
-from bitnest.eval.perplexity import AgreementResult, PplResult, agreement, default_ctx, perplexity
+from bitnest.eval.perplexity import AgreementResult, PplResult, agreement, default_ctx, paired_interval, perplexity
 
 CTX = 16
 VOCAB = 64
@@ -51,6 +51,25 @@ def test_ppl_is_exp_nll(tiny_model, ids):
     r = perplexity(tiny_model, ids, CTX, progress=False)
     assert r.ppl == pytest.approx(math.exp(r.nll), rel=1e-12)
     assert math.log(VOCAB) * 0.5 < r.nll < math.log(VOCAB) * 2  # an untrained model is near uniform
+
+
+def test_window_nlls_average_to_the_nll(tiny_model, ids):
+    r = perplexity(tiny_model, ids, ctx=16, progress=False)
+    assert len(r.window_nll) == r.windows
+    assert sum(r.window_nll) / r.windows == pytest.approx(r.nll, rel=1e-9)
+
+
+def test_paired_interval_separates_a_shift_from_noise():
+    g = torch.Generator().manual_seed(0)
+    base = (3 + torch.rand(200, generator=g)).tolist()           # hard and easy windows
+    noisy = [b + 0.01 * (torch.rand(1, generator=g).item() - 0.5) for b in base]
+    worse = [b + 0.02 for b in noisy]
+    d, lo, hi = paired_interval(noisy, base)
+    assert lo <= 0 <= hi and abs(d) < 0.002                       # the same model up to noise: inside
+    d, lo, hi = paired_interval(worse, base)
+    assert d == pytest.approx(0.02, abs=0.002) and lo > 0.015     # a real shift: outside, despite window spread
+    with pytest.raises(BitnestError):
+        paired_interval([1.0, 2.0], [1.0])
 
 
 def test_limit_evaluates_exactly_n_windows(tiny_model, ids):

@@ -28,6 +28,7 @@ class PplResult:
     windows: int
     ctx: int
     limited: bool  # True when `limit` cut the evaluation short
+    window_nll: tuple[float, ...] = ()  # mean NLL of each window, in order (paired comparisons between rows)
 
 
 @dataclass(frozen=True)
@@ -113,23 +114,29 @@ def score(model, ids: torch.Tensor, ctx: int, batch_size: int = 8, limit: int | 
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-window sync
     kl_sum = torch.zeros((), dtype=torch.float64, device=device)
     agree = torch.zeros((), dtype=torch.long, device=device)
+    per_window = []  # (b,) float64 tensors, one per batch: summed NLL of each window
     for batch in batches:
         x = batch.to(device)
         logits = _logits(model, x)  # (b, T, V)
         t_logits = None if teacher is None else _logits(teacher, batch.to(_device(teacher)))
         targets = x[:, 1:]
         # One window at a time keeps the float32 copy (and cross_entropy's log-softmax) at (T, V).
+        w_nll = torch.zeros(x.shape[0], dtype=torch.float64, device=device)  # (b,)
         for i in range(x.shape[0]):
             logp = F.log_softmax(logits[i, :-1].float(), dim=-1)  # (T-1, V)
-            nll_sum -= logp.gather(-1, targets[i, :, None]).sum().double()
+            w_nll[i] = -logp.gather(-1, targets[i, :, None]).sum().double()
             if t_logits is not None:
                 t_logp = F.log_softmax(t_logits[i, :-1].to(device=device, dtype=torch.float32), dim=-1)
                 kl_sum += F.kl_div(logp, t_logp, log_target=True, reduction="sum").double()
                 agree += (logp.argmax(-1) == t_logp.argmax(-1)).sum()
+        nll_sum += w_nll.sum()
+        per_window.append(w_nll)
         del logits, t_logits
     tokens = n * (ctx - 1)
     nll = nll_sum.item() / tokens
-    ppl = PplResult(nll=nll, ppl=math.exp(nll), tokens=tokens, windows=n, ctx=ctx, limited=limited)
+    window_nll = tuple((torch.cat(per_window) / (ctx - 1)).tolist()) if per_window else ()
+    ppl = PplResult(nll=nll, ppl=math.exp(nll), tokens=tokens, windows=n, ctx=ctx, limited=limited,
+                    window_nll=window_nll)
     agr = None if teacher is None else AgreementResult(kl=kl_sum.item() / tokens, top1=agree.item() / tokens, tokens=tokens)
     return ppl, agr
 
@@ -145,3 +152,23 @@ def agreement(model, teacher, ids: torch.Tensor, ctx: int, batch_size: int = 8, 
     """Mean KL(teacher || model) of the next-token distributions and top-1 agreement, on the same
     windows and predicted positions as `perplexity`."""
     return score(model, ids, ctx, batch_size, limit, progress, desc, teacher=teacher)[1]
+
+
+def paired_interval(a: PplResult | list[float], b: PplResult | list[float], *, resamples: int = 2000,
+                    level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean NLL difference a − b over the same windows and its paired bootstrap interval (lo, hi).
+
+    Windows are resampled with replacement and the same resample is applied to both rows, so what two rows
+    share (hard windows) cancels: the interval says whether a − b is more than window-to-window luck.
+    An interval that contains 0 means the rows are not distinguishable on these windows."""
+    wa = torch.tensor(a.window_nll if isinstance(a, PplResult) else a, dtype=torch.float64)  # (n,)
+    wb = torch.tensor(b.window_nll if isinstance(b, PplResult) else b, dtype=torch.float64)  # (n,)
+    if wa.shape != wb.shape or wa.numel() == 0:
+        raise BitnestError(f"paired interval needs the same windows for both rows, got {wa.numel()} and {wb.numel()}")
+    d = wa - wb  # (n,)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, d.numel(), (resamples, d.numel()), generator=g)  # (R, n)
+    means = d[idx].mean(1)  # (R,)
+    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return float(d.mean()), lo, hi

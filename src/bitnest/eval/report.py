@@ -21,8 +21,9 @@ def eval_tokens(tokenizer, data: str, data_dir=None) -> torch.Tensor:
 
 def evaluate(model, tokenizer, data: str = "wikitext2", *, data_dir=None, ctx: int | None = None,
              limit: int | None = None, batch_size: int = 8, teacher=None, storage_dtype=torch.float16,
-             progress: bool = True, only: list[str] | None = None) -> dict:
-    """Metrics as a flat dict: ppl, nll, tokens, windows, ctx, limited, bits_per_weight, model_bytes[, kl, top1]."""
+             progress: bool = True, only: list[str] | None = None, keep_windows: bool = False) -> dict:
+    """Metrics as a flat dict: ppl, nll, tokens, windows, ctx, limited, bits_per_weight, model_bytes[, kl, top1]
+    [, window_nll: each window's mean NLL, for paired intervals between rows (`perplexity.paired_interval`)]."""
     ids = eval_tokens(tokenizer, data, data_dir)
     ctx = ctx or default_ctx(model)
     r, a = score(model, ids, ctx, batch_size=batch_size, limit=limit, progress=progress, desc=f"eval {data}", teacher=teacher)
@@ -32,4 +33,6 @@ def evaluate(model, tokenizer, data: str = "wikitext2", *, data_dir=None, ctx: i
            "model_bytes": b.model_bytes}
     if a is not None:
         out.update(kl=a.kl, top1=a.top1)
+    if keep_windows:
+        out["window_nll"] = list(r.window_nll)
     return out
