@@ -6,11 +6,22 @@ Every writer reads the same thing: each quantized Linear as the standalone r-bit
 checkpoint at the chosen width or Mix'n'Match mix): codes t ∈ [0, 2^r), scale α' = α·2^(c−r) and zero point
 z' = z / 2^(c−r) per group, ŵ = α'(t − z'). Which grids a format represents exactly:
 
-  grid                                   GPTQ            compressed-tensors    GGUF
-  symmetric (z' = 2^(r−1))               exact 2,3,4,8   exact 1–8             Q8_0 (g32, r = 8), Q4_0 (g32, r = 4)
-  asymmetric, integer z' (int_zero)      exact 2,3,4,8   exact 1–8             Q4_1 (g32, r = 4): m = −α'z' in fp16
-  asymmetric, real z' (the paper's)      zero rounded    zero rounded          Q4_1: m = −α'z' in fp16
+  grid                                   GPTQ            compressed-tensors    GGUF (gguf.py has the full table)
+  symmetric (z' = 2^(r−1))               exact 2,3,4,8   exact 1–8             exact: Q8_0 (r = 8, 7), Q6_K (6),
+                                                                               Q5_0 (5), Q4_0 (4), Q3_K (3), Q2_K (2),
+                                                                               TQ2_0 (1)
+  asymmetric, integer z' (int_zero)      exact 2,3,4,8   exact 1–8             exact: Q8_0 (7, 6), Q5_K (5), Q4_K (4),
+                                                                               Q4_0 (3), Q2_K (2), TQ2_0 (1); Q5_1 /
+                                                                               Q4_1 (μ = −α'z' in fp16) below g256
+  asymmetric, real z' (the paper's)      zero rounded    zero rounded          Q5_K/Q4_K/Q2_K: dmin·m fitted to α'z';
+                                                                               Q5_1/Q4_1: μ in fp16
+  BitNet (±β, no post_ln)                not at all      not at all            TQ2_0 exact
   OneBit / codebooks / Extra Precision   not at all (a clear error)
+
+GGUF's K-quants (Q2_K–Q6_K, TQ2_0) need in_features a multiple of 256 and, to be exact, whole 256-weight
+super-blocks per group (per channel or g a multiple of 256): smaller groups (16–128) are approximate (the groups'
+scales fitted to the super-block's 4–8-bit sub-block scales), as are the fp16-rounded mins above; the legacy
+32-weight types (Q8_0, Q5_0/1, Q4_0/1) take any g that is a multiple of 32.
 
 "zero rounded" writes round(z') and reports the largest weight change it makes (`approximate=True` only;
 otherwise a one-line error that says how to get an exact export: `-o int_zero=true` or `--symmetric`).
@@ -142,15 +153,16 @@ def export(ckpt: str, to: str, out: str, *, bits: int | None = None, budget: flo
     if to not in FORMATS:
         raise BitnestError(f"unknown export format {to!r}; choose from {', '.join(FORMATS)}")
     loaded = load_for_export(ckpt, bits, budget)
+    if to == "gguf":  # GGUF also holds BitNet's sign layers (TQ2_0)
+        from .gguf import gguf_layers, write_gguf
+        return write_gguf(loaded, gguf_layers(loaded.model), Path(out), approximate=approximate, overwrite=overwrite,
+                          **kw)
     layers = affine_layers(loaded.model)
     if to == "gptq":
         from .gptq import write_gptq
         return write_gptq(loaded, layers, Path(out), approximate=approximate, overwrite=overwrite, **kw)
-    if to == "compressed-tensors":
-        from .ctensors import write_compressed_tensors
-        return write_compressed_tensors(loaded, layers, Path(out), approximate=approximate, overwrite=overwrite)
-    from .gguf import write_gguf
-    return write_gguf(loaded, layers, Path(out), approximate=approximate, overwrite=overwrite, **kw)
+    from .ctensors import write_compressed_tensors
+    return write_compressed_tensors(loaded, layers, Path(out), approximate=approximate, overwrite=overwrite)
 
 
 def save_hf_dir(tmp: Path, loaded, state: dict[str, torch.Tensor], quantization_config: dict | None,
