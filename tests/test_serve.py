@@ -362,3 +362,17 @@ def test_precision_names_parse():
     for bad in ("int9", "fast", True, 0, 9, None, 3.5):
         with pytest.raises(ValueError):
             parse(bad)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--policy", "adaptive", "--ladder", "8,9"], "unknown precision '9'"),
+    (["--precision", "int9"], "int9"),
+    (["--precision", "fast"], "unknown precision"),
+    (["--budgets", "x"], "--budgets"),
+    (["--port", "0"], "--port"),
+])
+def test_serve_bad_options_are_one_line_errors(ckpt, argv, needle, capsys):
+    from bitnest.cli import main
+    assert main(["serve", "--model", str(ckpt), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bitnest: error:") and needle in err[0]
