@@ -1,13 +1,14 @@
 """Load test of `bitnest serve`: one sliced-int8 checkpoint, every fixed precision and the adaptive policy, under a
 stepped load of concurrent streaming clients (loopback only; bounded in time; stops by itself).
 
-    python bench/serve.py [--models ref-10m,1.1b] [--phase-s 15] [--steps 1,8,32,8] [--max-tokens 32] [--quick]
+    python bench/serve.py [--models ref-10m,1.1b] [--phase-s 20] [--steps 1,8,32,8,1] [--max-tokens 32] [--quick]
 
-One server process per model (`bitnest serve --policy adaptive`, 2 threads). Each configuration replays the same
+Per model, one `bitnest serve` process for the fixed rows (each request names its precision: int8, int4, int2),
+then a fresh `--policy adaptive` process (ladder int8 → int4 → int2; SLO = p99 time to first token, by default
+midway between what fixed int8 and fixed int2 achieved at the peak; --max-queue). Each configuration replays the same
 stepped load: `--steps` concurrent clients for `--phase-s` seconds each; a client sends a streaming completion
 (a short prompt, `--max-tokens` new tokens, greedy), waits for it, and sends the next until its phase ends.
-Fixed rows name their precision in every request (`precision: int8|int4|int2`); the adaptive row names none, so
-the server's controller picks (ladder int8 → int4 → int2, --max-queue, --slo-ms). Reported per configuration:
+The adaptive row's requests name no precision, so the server's controller picks. Reported per configuration:
 completion tokens/s over the whole run and per phase, request latency p50/p99 and time to first token p50/p99
 (client side, queueing included). A plot per model shows the adaptive run: clients, the precision served, and
 each request's latency over time, next to the fixed rows' latency per phase.
@@ -66,12 +67,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, a) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: Path, a, slo_ms: float | None = None) -> tuple[subprocess.Popen, str]:
+    """`--policy fixed` without an SLO, `--policy adaptive` with one."""
     port = free_port()
-    cmd = [sys.executable, "-m", "bitnest.cli", "serve", "--model", str(ckpt), "--port", str(port), "--policy",
-           "adaptive", "--max-queue", str(a.max_queue), "--max-batch", str(a.max_batch)]
-    if a.slo_ms:
-        cmd += ["--slo-ms", str(a.slo_ms)]
+    cmd = [sys.executable, "-m", "bitnest.cli", "serve", "--model", str(ckpt), "--port", str(port),
+           "--max-batch", str(a.max_batch)]
+    if slo_ms is not None:
+        cmd += ["--policy", "adaptive", "--max-queue", str(a.max_queue), "--slo-ms", f"{slo_ms:.0f}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "BITNEST_SHUTDOWN_TIMEOUT": "60"}
     CACHE.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(CACHE.parent / "serve_server.log", "a"))
@@ -145,6 +147,12 @@ async def run_load(url: str, precision: str | None, a, t_origin: float) -> tuple
     return reqs, samples
 
 
+def _print(row: dict) -> None:
+    print(f"{row['model']:8s} {row['config']:11s} {row['tok_s']:8.1f} tok/s  p50 {row['p50_latency_s']:.2f} s  p99 "
+          f"{row['p99_latency_s']:.2f} s  TTFT p50/p99 {row['p50_ttft_s']:.2f}/{row['p99_ttft_s']:.2f} s  "
+          f"served {row['served']}", flush=True)
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -164,11 +172,13 @@ def summarize(model: str, config: str, reqs: list[dict], a) -> dict:
             span = max(r["end"] for r in rs) - min(r["start"] for r in rs)
             row["phases"].append({"clients": n, "tok_s": sum(r["tokens"] for r in rs) / span,
                                   "p50_latency_s": pct([r["latency"] for r in rs], 0.5),
-                                  "p99_latency_s": pct([r["latency"] for r in rs], 0.99)})
+                                  "p99_latency_s": pct([r["latency"] for r in rs], 0.99),
+                                  "p99_ttft_s": pct([r["ttft"] for r in rs], 0.99),
+                                  "served": {p: sum(1 for r in rs if r["precision"] == p) for p in sorted({r["precision"] for r in rs})}})
     return row
 
 
-def plot(model: str, adaptive: dict, fixed_rows: list[dict], a) -> Path:
+def plot(model: str, adaptive: dict, fixed_rows: list[dict], a, slo_ms: float) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,9 +204,12 @@ def plot(model: str, adaptive: dict, fixed_rows: list[dict], a) -> Path:
         for i, ph in enumerate(fr["phases"]):
             ax2.hlines(ph["p50_latency_s"], edges[i], edges[i + 1], linestyles=ls, colors="k", alpha=0.6,
                        label=f"{fr['config']} p50" if i == 0 else None)
+    ttft = [r["ttft"] for r in reqs]
+    ax2.scatter([r["start"] + r["ttft"] for r in reqs], ttft, s=6, marker="x", color="grey", alpha=0.5, label="TTFT")
+    ax2.axhline(slo_ms / 1e3, color="red", lw=1, label=f"SLO (p99 TTFT) {slo_ms:.0f} ms")
     ax2.set_yscale("log")
     ax2.set_xlabel("seconds")
-    ax2.set_ylabel("request latency (s)")
+    ax2.set_ylabel("latency / TTFT (s)")
     ax2.legend(loc="upper left", fontsize=7, ncol=2)
     fig.tight_layout()
     out = RESULTS / f"serve_{model}.png"
@@ -208,50 +221,59 @@ def plot(model: str, adaptive: dict, fixed_rows: list[dict], a) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="ref-10m,1.1b")
-    ap.add_argument("--phase-s", type=float, default=15.0)
-    ap.add_argument("--steps", default="1,8,32,8")
+    ap.add_argument("--phase-s", type=float, default=20.0)
+    ap.add_argument("--steps", default="1,8,32,8,1")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--max-queue", type=int, default=8)
+    ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--slo-ms", type=float)
+    ap.add_argument("--slo-ms", type=float, help="adaptive SLO (p99 TTFT); default midway between int8 and int2 at the peak")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir")
     ap.add_argument("--quick", action="store_true", help="smoke run: ref-10m, 2 s phases, 1,4 clients; writes nothing")
     a = ap.parse_args()
     if a.quick:
-        a.models, a.phase_s, a.steps, a.max_tokens = "ref-10m", 2.0, "1,4", 8
+        a.models, a.phase_s, a.steps, a.max_tokens = "ref-10m", 2.0, "1,8,1", 8
     a.steps = [int(s) for s in a.steps.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     rows, sections = [], []
     for model in a.models.split(","):
         ckpt = sliced8(model, a.data_dir)
+        fixed = []
         proc, url = start_server(ckpt, a)
         try:
-            fixed = []
-            for config, prec in (("fixed int8", "int8"), ("fixed int4", "int4"), ("fixed int2", "int2"), ("adaptive", None)):
-                t0 = time.monotonic()
-                reqs, samples = asyncio.run(run_load(url, prec, a, t0))
-                row = summarize(model, config, reqs, a)
-                print(f"{model:8s} {config:11s} {row['tok_s']:8.1f} tok/s  p50 {row['p50_latency_s']:.2f} s  p99 "
-                      f"{row['p99_latency_s']:.2f} s  TTFT p50 {row['p50_ttft_s']:.2f} s  served {row['served']}", flush=True)
-                rows.append(row)
-                if prec is None:
-                    import httpx
-                    row["policy_changes"] = httpx.get(url + "/v1/precision").json()["changes"]
-                    png = plot(model, {"requests": reqs, "samples": samples}, fixed, a)
-                else:
-                    fixed.append(row)
+            for config, prec in (("fixed int8", "int8"), ("fixed int4", "int4"), ("fixed int2", "int2")):
+                reqs, _ = asyncio.run(run_load(url, prec, a, time.monotonic()))
+                fixed.append(summarize(model, config, reqs, a))
+                _print(fixed[-1])
         finally:
             proc.terminate()
             proc.wait(120)
-        sections.append(_table(model, [r for r in rows if r["model"] == model], png, a))
+        peak = a.steps.index(max(a.steps))
+        # the SLO an operator would set here: between what int8 and int2 deliver at the peak (p99 TTFT)
+        slo = a.slo_ms or 1e3 * (fixed[0]["phases"][peak]["p99_ttft_s"] + fixed[2]["phases"][peak]["p99_ttft_s"]) / 2
+        proc, url = start_server(ckpt, a, slo_ms=slo)
+        try:
+            reqs, samples = asyncio.run(run_load(url, None, a, time.monotonic()))
+            import httpx
+            ad = summarize(model, "adaptive", reqs, a)
+            ad["policy_changes"] = httpx.get(url + "/v1/precision").json()["changes"]
+            _print(ad)
+        finally:
+            proc.terminate()
+            proc.wait(120)
+        for r in fixed + [ad]:
+            r["slo_ms"] = slo
+        rows += fixed + [ad]
+        png = plot(model, {"requests": reqs, "samples": samples}, fixed, a, slo)
+        sections.append(_table(model, fixed + [ad], png, a, slo, peak))
     if a.quick:
         return 0
     write_json("serve.json", rows)
     note = (f"Stepped load {' → '.join(map(str, a.steps))} concurrent streaming clients, {a.phase_s:g} s each; greedy, "
-            f"{a.max_tokens} new tokens per request; server `--policy adaptive --max-queue {a.max_queue} --max-batch "
-            f"{a.max_batch}`{f' --slo-ms {a.slo_ms:g}' if a.slo_ms else ''}, {a.threads} threads, client in the same "
+            f"{a.max_tokens} new tokens per request; fixed rows: one server, each request names its precision; adaptive: "
+            f"a fresh server `--policy adaptive --max-queue {a.max_queue} --slo-ms SLO`; `--max-batch {a.max_batch}`, "
+            f"{a.threads} threads, client on the same "
             "machine (it shares the 2 cores). tok/s = completion tokens ÷ wall time; latency = request sent → last "
             "token; TTFT = sent → first token (client side, queueing included). "
             f"Run time {(time.perf_counter() - t_start) / 60:.1f} min.\n")
@@ -260,19 +282,35 @@ def main() -> int:
     return 0
 
 
-def _table(model: str, rows: list[dict], png: Path, a) -> str:
+def _table(model: str, rows: list[dict], png: Path, a, slo_ms: float, peak: int) -> str:
     head = ("| config | tok/s | " + " | ".join(f"tok/s @{n}" for n in a.steps) +
-            " | latency p50 / p99 (s) | TTFT p50 / p99 (s) | requests served at |")
-    lines = [f"### {model}", "", head, "|" + "---|" * (len(a.steps) + 5)]
+            " | latency p50 / p99 (s) | TTFT p50 / p99 (s) | " + f"p99 TTFT @{a.steps[peak]} (s) | requests served at |")
+    lines = [f"### {model}", "", head, "|" + "---|" * (len(a.steps) + 6)]
     for r in rows:
         ph = " | ".join(f"{p['tok_s']:.1f}" for p in r["phases"])
         served = ", ".join(f"{k} {v}" for k, v in r["served"].items())
         lines.append(f"| {r['config']} | {r['tok_s']:.1f} | {ph} | {r['p50_latency_s']:.2f} / {r['p99_latency_s']:.2f} | "
-                     f"{r['p50_ttft_s']:.2f} / {r['p99_ttft_s']:.2f} | {served} |")
-    ad = next((r for r in rows if r["config"] == "adaptive"), None)
-    if ad is not None:
-        ch = ad.get("policy_changes", [])
-        lines += ["", f"Adaptive policy changes ({len(ch)}): " + "; ".join(f"{c['from']}→{c['to']} ({c['reason']})" for c in ch[:12])]
+                     f"{r['p50_ttft_s']:.2f} / {r['p99_ttft_s']:.2f} | {r['phases'][peak]['p99_ttft_s']:.2f} | {served} |")
+    ad = rows[-1]
+    ch = ad.get("policy_changes", [])
+    last = ad["phases"][-1]["served"]
+    i8, i4 = rows[0], rows[1]
+    at8 = a.steps.index(8) if 8 in a.steps else None
+    checks = [
+        (f"adaptive p99 TTFT at the peak within the SLO ({slo_ms:.0f} ms) where fixed int8 is not",
+         ad["phases"][peak]["p99_ttft_s"] * 1e3 <= slo_ms < i8["phases"][peak]["p99_ttft_s"] * 1e3,
+         f"adaptive {ad['phases'][peak]['p99_ttft_s'] * 1e3:.0f} ms, int8 {i8['phases'][peak]['p99_ttft_s'] * 1e3:.0f} ms"),
+        ("adaptive back at int8 when the load drops (last phase)", bool(ch) and ch[-1]["to"] == "int8",
+         f"last change {ch[-1]['from']}→{ch[-1]['to']}" if ch else "no change"),
+    ]
+    if at8 is not None:
+        ratio = i4["phases"][at8]["tok_s"] / i8["phases"][at8]["tok_s"]
+        checks.append(("int4 throughput at 8 clients ≥ 2× int8", ratio >= 2, f"{ratio:.2f}×"))
+    lines += ["", f"SLO for the adaptive run: p99 TTFT {slo_ms:.0f} ms "
+              f"({'given' if a.slo_ms else 'midway between fixed int8 and int2 at the peak'}). Last phase served at: "
+              + ", ".join(f"{k} {v}" for k, v in last.items()) + "."]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {name} — {detail}" for name, ok, detail in checks]
+    lines += ["", f"Adaptive policy changes ({len(ch)}): " + "; ".join(f"{c['from']}→{c['to']} ({c['reason']})" for c in ch[:16])]
     lines += ["", f"![{model} adaptive serving](bench/results/{png.name})"]
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ engine reports three signals; the controller steps **down** one rung when any is
 rung when all are well under, with hysteresis so it does not flap:
 
   signal                                   over (step down)           well under (step up)
-  queue: requests waiting + running        > max_queue                ≤ max_queue / 4
+  queue: requests waiting + running        > max_queue                ≤ max_queue / 2
   latency: p90 time to first token over    > slo_ms                   < slo_ms / 2
     the last `window_s` seconds
   memory: process RSS                      > max_memory               < 0.9 · max_memory
@@ -71,7 +71,7 @@ class Adaptive:
         over, under = [], True
         if s.queue > self.max_queue:
             over.append(f"queue {s.queue} > {self.max_queue}")
-        under &= s.queue <= self.max_queue // 4
+        under &= s.queue <= self.max_queue // 2
         if self.slo_ms is not None:
             if s.ttft_p90_ms > self.slo_ms:
                 over.append(f"p90 TTFT {s.ttft_p90_ms:.0f} ms > {self.slo_ms:g} ms")
