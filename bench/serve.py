@@ -5,8 +5,8 @@ stepped load of concurrent streaming clients (loopback only; bounded in time; st
 
 Per model, one `bitnest serve` process for the fixed rows (each request names its precision: int8, int4, int2),
 then a fresh `--policy adaptive` process (ladder int8 → int4 → int2; SLO = p99 time to first token, by default
-midway between what fixed int8 and fixed int2 achieved at the peak; --max-queue). Each configuration replays the same
-stepped load: `--steps` concurrent clients for `--phase-s` seconds each; a client sends a streaming completion
+midway between what fixed int8 and the best fixed narrower width achieved at the peak; --max-queue). Each
+configuration replays the same stepped load: `--steps` concurrent clients for `--phase-s` seconds each; a client sends a streaming completion
 (a short prompt, `--max-tokens` new tokens, greedy), waits for it, and sends the next until its phase ends.
 The adaptive row's requests name no precision, so the server's controller picks. Reported per configuration:
 completion tokens/s over the whole run and per phase, request latency p50/p99 and time to first token p50/p99
@@ -183,14 +183,14 @@ def plot(model: str, adaptive: dict, fixed_rows: list[dict], a, slo_ms: float) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     reqs, samples = adaptive["requests"], adaptive["samples"]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     bits = {"int8": 8, "int6": 6, "int4": 4, "int3": 3, "int2": 2}
     ts = [s["t"] for s in samples]
     ax1.step(ts, [bits.get(s["policy"], float("nan")) for s in samples], where="post", label="policy precision (bits)")
     ax1.step(ts, [s["queue"] for s in samples], where="post", alpha=0.6, label="queue + running")
-    edges = [0.0]
-    for _ in a.steps:
-        edges.append(edges[-1] + a.phase_s)
+    # phases as they ran (a phase ends when its clients' last requests finish, so they drift past phase_s)
+    edges = [min((r["start"] for r in reqs if r["phase"] == i), default=i * a.phase_s) for i in range(len(a.steps))]
+    edges.append(max(r["end"] for r in reqs))
     for i, n in enumerate(a.steps):
         ax1.axvspan(edges[i], edges[i + 1], color="grey", alpha=0.05 + 0.05 * (i % 2))
         ax1.text((edges[i] + edges[i + 1]) / 2, 0.5, f"{n} clients", ha="center", fontsize=8)
@@ -210,7 +210,7 @@ def plot(model: str, adaptive: dict, fixed_rows: list[dict], a, slo_ms: float) -
     ax2.set_yscale("log")
     ax2.set_xlabel("seconds")
     ax2.set_ylabel("latency / TTFT (s)")
-    ax2.legend(loc="upper left", fontsize=7, ncol=2)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=7, ncol=4)  # below: never over the points
     fig.tight_layout()
     out = RESULTS / f"serve_{model}.png"
     fig.savefig(out, dpi=110)
@@ -226,7 +226,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--slo-ms", type=float, help="adaptive SLO (p99 TTFT); default midway between int8 and int2 at the peak")
+    ap.add_argument("--slo-ms", type=float, help="adaptive SLO (p99 TTFT); default midway between int8 and the best narrower fixed width at the peak")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir")
     ap.add_argument("--quick", action="store_true", help="smoke run: ref-10m, 2 s phases, 1,4 clients; writes nothing")
@@ -236,7 +236,7 @@ def main() -> int:
     a.steps = [int(s) for s in a.steps.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    rows, sections = [], []
+    rows, sections, requests_log = [], [], []
     for model in a.models.split(","):
         ckpt = sliced8(model, a.data_dir)
         fixed = []
@@ -250,8 +250,9 @@ def main() -> int:
             proc.terminate()
             proc.wait(120)
         peak = a.steps.index(max(a.steps))
-        # the SLO an operator would set here: between what int8 and int2 deliver at the peak (p99 TTFT)
-        slo = a.slo_ms or 1e3 * (fixed[0]["phases"][peak]["p99_ttft_s"] + fixed[2]["phases"][peak]["p99_ttft_s"]) / 2
+        # the SLO an operator would set here: between what int8 and the best narrower width deliver at the peak (p99 TTFT)
+        best = min(f["phases"][peak]["p99_ttft_s"] for f in fixed[1:])
+        slo = a.slo_ms or 1e3 * (fixed[0]["phases"][peak]["p99_ttft_s"] + best) / 2
         proc, url = start_server(ckpt, a, slo_ms=slo)
         try:
             reqs, samples = asyncio.run(run_load(url, None, a, time.monotonic()))
@@ -266,10 +267,12 @@ def main() -> int:
             r["slo_ms"] = slo
         rows += fixed + [ad]
         png = plot(model, {"requests": reqs, "samples": samples}, fixed, a, slo)
+        requests_log.append({"model": model, "slo_ms": slo, "requests": reqs, "samples": samples})
         sections.append(_table(model, fixed + [ad], png, a, slo, peak))
     if a.quick:
         return 0
     write_json("serve.json", rows)
+    write_json("serve_requests.json", requests_log)  # every request and policy sample: figures can be redrawn
     note = (f"Stepped load {' → '.join(map(str, a.steps))} concurrent streaming clients, {a.phase_s:g} s each; greedy, "
             f"{a.max_tokens} new tokens per request; fixed rows: one server, each request names its precision; adaptive: "
             f"a fresh server `--policy adaptive --max-queue {a.max_queue} --slo-ms SLO`; `--max-batch {a.max_batch}`, "
@@ -307,7 +310,7 @@ def _table(model: str, rows: list[dict], png: Path, a, slo_ms: float, peak: int)
         ratio = i4["phases"][at8]["tok_s"] / i8["phases"][at8]["tok_s"]
         checks.append(("int4 throughput at 8 clients ≥ 2× int8", ratio >= 2, f"{ratio:.2f}×"))
     lines += ["", f"SLO for the adaptive run: p99 TTFT {slo_ms:.0f} ms "
-              f"({'given' if a.slo_ms else 'midway between fixed int8 and int2 at the peak'}). Last phase served at: "
+              f"({'given' if a.slo_ms else 'midway between fixed int8 and the best fixed width at the peak'}). Last phase served at: "
               + ", ".join(f"{k} {v}" for k, v in last.items()) + "."]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name} — {detail}" for name, ok, detail in checks]
     lines += ["", f"Adaptive policy changes ({len(ch)}): " + "; ".join(f"{c['from']}→{c['to']} ({c['reason']})" for c in ch[:16])]
