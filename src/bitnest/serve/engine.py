@@ -177,6 +177,7 @@ class Engine:
         ev = {"time": time.time(), "from": self.serving.label, "to": p.label, "seconds": dt}
         if self.switches or p != self.caps.own:
             self.switches.append(ev)
+            del self.switches[:-1000]  # bounded: the latest 1000 (all are counted in /metrics)
             log.info("bitnest serve: switched %s → %s in %.3f s", ev["from"], ev["to"], dt)
             if self.metrics is not None:
                 self.metrics.switch(ev)

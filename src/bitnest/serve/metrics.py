@@ -33,7 +33,7 @@ class Metrics:
         self.rss.set(sig.rss_bytes)
         self.policy_bits.set(_bits(engine, engine.policy.current))
         self.precision_bits.set(_bits(engine, engine.serving))
-        n = len(engine.policy.changes)
+        n = engine.policy.n_changes
         if n > self._policy_seen:
             self.policy_changes.inc(n - self._policy_seen)
             self._policy_seen = n

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from .precision import Precision
 
 log = logging.getLogger("bitnest.serve")
+KEEP = 1000  # change events kept for /v1/precision
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Adaptive:
     up_hold_s: float = 5.0
     window_s: float = 10.0
     level: int = 0
-    changes: list[dict] = field(default_factory=list)
+    changes: list[dict] = field(default_factory=list)  # the latest KEEP changes (a long-running server stays bounded)
+    n_changes: int = 0
     _last_change: float = field(default=float("-inf"))
     _ttft: deque = field(default_factory=deque)  # (t, seconds)
 
@@ -98,6 +100,8 @@ class Adaptive:
         self._last_change = now
         ev = {"time": time.time(), "from": self.ladder[old].label, "to": self.current.label, "reason": why}
         self.changes.append(ev)
+        self.n_changes += 1
+        del self.changes[:-KEEP]
         log.warning("bitnest serve: precision %s → %s (%s)", ev["from"], ev["to"], why)
         return self.current
 
@@ -106,6 +110,7 @@ class Adaptive:
 class Fixed:
     own: Precision
     changes: list[dict] = field(default_factory=list)
+    n_changes: int = 0
     name = "fixed"
 
     @property
