@@ -1,6 +1,9 @@
 """OneBit: sign grid, SVID, the 1-bit layer (training == packed), bits accounting, the method, checkpoints."""
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -338,3 +341,17 @@ def test_extra_trainables_train_exactly_what_they_name(extra):
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: one matrix trained
     assert {n: p.requires_grad for n, p in model.named_parameters() if n in grad_before} == \
         {n: grad_before[n] for n in after if n in grad_before}  # restored
+
+
+@pytest.mark.parametrize("method", ["onebit", "bitnet"])
+def test_data_file_trains_through_the_cli(ref10m_path, tmp_path, method):
+    """`-o data=FILE` reads the file with the model's tokenizer (it used to error: no tokenizer reached the method)."""
+    from bitnest.cli import main
+    text = tmp_path / "train.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / method
+    argv = ["quantize", "--model", str(ref10m_path), "--method", method, "--out", str(out), "--no-progress",
+            "-o", f"data={text}", "-o", "steps=2", "-o", "batch=2", "-o", "seq_len=32", "-o", "samples=4"]
+    assert main(argv) == 0
+    hist = json.loads((out / "training_history.json").read_text())
+    assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)

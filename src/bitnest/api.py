@@ -24,8 +24,9 @@ def make_config(method: str, **kwargs) -> QuantConfig:
 
 
 def quantize(model: torch.nn.Module, method: str = "rtn", config: QuantConfig | None = None, *,
-             progress: bool = True, calib=None, **kwargs) -> torch.nn.Module:
-    """Quantize `model` in place with a registered method and return it.
+             progress: bool = True, calib=None, tokenizer=None, **kwargs) -> torch.nn.Module:
+    """Quantize `model` in place with a registered method and return it. `tokenizer` reads text-file training
+    data (OneBit / BitNet `data=FILE`); without it, the tokenizer saved next to the model's weights is used.
 
     >>> quantize(model, "rtn", bits=4, group_size=128)
     """
@@ -36,7 +37,7 @@ def quantize(model: torch.nn.Module, method: str = "rtn", config: QuantConfig | 
         if not torch.isfinite(lin.weight).all():
             raise BitnestError(f"weight {n} contains NaN or Inf values; refusing to quantize a broken model")
     with torch.no_grad():
-        get_method(method).fn(model, config, names, progress=progress, calib=calib)
+        get_method(method).fn(model, config, names, progress=progress, calib=calib, tokenizer=tokenizer)
     model.bitnest_method = (method, config)
     return model
 

@@ -49,7 +49,7 @@ def cmd_quantize(args) -> int:
     loaded = _load(args)
     if loaded.quantization_config is not None:
         raise BitnestError(f"{loaded.source} is already quantized; quantize the full-precision model")
-    quantize(loaded.model, args.method, config, progress=not args.no_progress)
+    quantize(loaded.model, args.method, config, progress=not args.no_progress, tokenizer=loaded.tokenizer)
     save_quantized(loaded.model, loaded.tokenizer, out, quantization_config(args.method, config, loaded.source),
                    storage_dtype=loaded.storage_dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     rep = bits_report(loaded.model, loaded.storage_dtype)
