@@ -85,6 +85,8 @@ def test_models_list_every_precision(server):
     assert r.status_code == 200
     ids = {m["id"] for m in r.json()["data"]}
     assert {"s8", "s8@int8", "s8@int6", "s8@int4", "s8@int3", "s8@int2", "s8@mix-5"} <= ids
+    default = next(m for m in r.json()["data"] if m["id"] == "s8")
+    assert default["precision"] == "int4"  # saved as `sliced --bits 4`: served as `bitnest generate` serves it
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=3)])
@@ -242,7 +244,7 @@ def test_metrics_and_precision_state(server):
     for g in ("bitnest_precision_bits", "bitnest_queue_depth", "bitnest_running_requests", "bitnest_resident_memory_bytes"):
         assert f"\n{g} " in t
     st = httpx.get(url + "/v1/precision", headers=AUTH).json()
-    assert st["policy"] == "fixed" and st["current"] == "int8" and any(s["to"] == "int2" for s in st["switches"])
+    assert st["policy"] == "fixed" and st["current"] == "int4"  # the width the sliced checkpoint was saved to serve and any(s["to"] == "int2" for s in st["switches"])
 
 
 def test_concurrent_requests_at_mixed_precisions(server):

@@ -69,7 +69,7 @@ def make_server(model_path: str, *, policy: str = "fixed", precision=None, ladde
                        max_memory=int(max_memory_mb * 2**20) if max_memory_mb else None,
                        up_hold_s=up_hold_s, down_hold_s=down_hold_s)
     else:
-        pol = Fixed(checked(precision) if precision is not None else caps.own)
+        pol = Fixed(checked(precision) if precision is not None else (caps.loaded or caps.own))
     engine = Engine(model, loaded.tokenizer, caps, pol, max_batch=max_batch, cache_slices=cache_slices,
                     metrics=Metrics(), switch_after_s=switch_after_s)
     name = name or Path(loaded.source).name.removesuffix(".bin")

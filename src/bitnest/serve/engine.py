@@ -83,7 +83,7 @@ class Engine:
         # transformers ≥ 5.24 names the KV cache argument `cache` (`past_key_values` is deprecated there)
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.eos = getattr(tokenizer, "eos_token_id", None)
-        self.serving: Precision = caps.own
+        self.serving: Precision = caps.loaded or caps.own
         self.switches: list[dict] = []
         self._waiting: list[Job] = []
         self._rows: list[_Row] = []
@@ -92,8 +92,8 @@ class Engine:
         self._cv = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
-        if caps.switchable:
-            self._switch(caps.own)
+        if caps.switchable and caps.loaded is None:  # loaded as a per-layer mix: start from one width
+            self._switch(caps.own, initial=True)
 
     # ------------------------------------------------------------------ outside the engine thread
     def start(self) -> None:
@@ -168,14 +168,14 @@ class Engine:
         if self._rows:
             self._decode()
 
-    def _switch(self, p: Precision) -> None:
+    def _switch(self, p: Precision, initial: bool = False) -> None:
         if not self.caps.switchable:
             return
         t0 = time.perf_counter()
         self.model.set_precision(self.caps.mix(p), cache=self.cache_slices)
         dt = time.perf_counter() - t0
         ev = {"time": time.time(), "from": self.serving.label, "to": p.label, "seconds": dt}
-        if self.switches or p != self.caps.own:
+        if not initial:
             self.switches.append(ev)
             del self.switches[:-1000]  # bounded: the latest 1000 (all are counted in /metrics)
             log.info("bitnest serve: switched %s → %s in %.3f s", ev["from"], ev["to"], dt)

@@ -63,6 +63,9 @@ class Capabilities:
         self.own = Precision(bits=self.parent) if self.parent else Precision(fixed=loaded_label)
         self.model = model
         self._mixes: dict[float, dict[str, int]] = {}
+        widths = {m.serve_bits for m in self.mods.values()}
+        # what the checkpoint serves as loaded (its saved width, as `bitnest generate` serves it); None when mixed
+        self.loaded = Precision(bits=widths.pop()) if len(widths) == 1 else (None if widths else self.own)
 
     @property
     def switchable(self) -> bool:
