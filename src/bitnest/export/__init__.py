@@ -23,6 +23,10 @@ super-blocks per group (per channel or g a multiple of 256): smaller groups (16�
 scales fitted to the super-block's 4–8-bit sub-block scales), as are the fp16-rounded mins above; the legacy
 32-weight types (Q8_0, Q5_0/1, Q4_0/1) take any g that is a multiple of 32.
 
+A Matryoshka checkpoint served at r < c has z' = z / 2^(c−r), an integer only where 2^(c−r) divides z: integer zero
+points make its c-bit parent exact, not its slices. Symmetric grids (z = 2^(c−1), so z' = 2^(r−1)) make every slice
+exact — quantize nested checkpoints with --symmetric when they are meant for export.
+
 "zero rounded" writes round(z') and reports the largest weight change it makes (`approximate=True` only;
 otherwise a one-line error that says how to get an exact export: `-o int_zero=true` or `--symmetric`).
 """
