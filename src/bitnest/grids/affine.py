@@ -6,8 +6,11 @@ Granularity is a group size along the input dimension of W (out, in):
   - `group_size=g`     per group of g consecutive inputs (g must divide `in`).
 Asymmetric (the MatQuant base quantizer, methods.md §1): α = (max − min)/(2^b − 1), z = −min/α, with z
 kept real-valued as in the paper; `int_zero=True` rounds z to an integer code in [0, 2^b − 1] (GPTQ's and
-compressed-tensors' and GGUF's convention, so an export represents the grid exactly). Symmetric: α = max|w| / (2^(b−1) − 1), z = 2^(b−1) (implicit, not
-stored), so 0 is exact. α and z are rounded to their storage dtype (fp16) *before* codes are computed, so
+compressed-tensors' and GGUF's convention, so an export represents the grid exactly). The default stays
+real-valued: on ref-10m, 2–8 bits, RTN/GPTQ/sliced/MatQuant, integer z costs measurably in 4 of 15 pairs and gains
+in 5, every difference within 1.5 % perplexity (BENCHMARKS.md, "Integer zero points") — neither choice is free, and
+the exporters say when `int_zero=True` is needed. Symmetric: α = max|w| / (2^(b−1) − 1), z = 2^(b−1) (implicit,
+not stored), so 0 is exact. α and z are rounded to their storage dtype (fp16) *before* codes are computed, so
 the fake-quant forward used in training equals the forward of the packed checkpoint exactly.
 """
 from __future__ import annotations
