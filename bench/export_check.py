@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,12 @@ CASES = [  # (label, quantize argv, export format, export argv)
     ("sliced int8 symmetric → int8", None, "gguf", ["--bits", "8"]),
     ("sliced int8 symmetric → int4", None, "gguf", ["--bits", "4"]),
     ("RTN int4 g32 int-zero", None, "gguf", ["--approximate"]),
+    # K-quants and their exact / approximate cases (export/gguf.py's table)
+    ("sliced int8 symmetric → int2", None, "gguf", ["--bits", "2"]),                                    # Q2_K exact
+    ("RTN int2 per-channel int-zero", ["--method", "rtn", "--bits", "2", "-o", "int_zero=true"], "gguf", []),  # Q2_K
+    ("RTN int3 per-channel symmetric", ["--method", "rtn", "--bits", "3", "--symmetric"], "gguf", []),     # Q3_K
+    ("RTN int2 g64 int-zero", ["--method", "rtn", "--bits", "2", "--group-size", "64", "-o", "int_zero=true"],
+     "gguf", ["--approximate"]),                                                                          # Q2_K fitted
 ]
 GPTQ_WORKER = r'''
 import os, sys, torch
@@ -118,7 +123,7 @@ def main() -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows, quantized = [], {}
+    rows = []
     fp_nll = nll(ours(src, ids, None), ids)
     for label, qargv, fmt, eargv in CASES:
         base = label.split(" → ")[0]
@@ -129,6 +134,10 @@ def main() -> int:
         out = work / f"{base.replace(' ', '_')}-{fmt}-{bits or 'stored'}{'.gguf' if fmt == 'gguf' else ''}"
         rc = cli(["export", "--model", str(ck), "--to", fmt, "--out", str(out), "--overwrite", *eargv])
         row = {"case": label, "format": fmt, "export_args": " ".join(eargv), "exported": rc == 0}
+        if fmt == "gguf" and rc == 0:  # the GGML types written for the Linear weights, read back by gguf's reader
+            import gguf
+            rd = gguf.GGUFReader(str(out))
+            row["ggml_types"] = sorted({t.tensor_type.name for t in rd.tensors if t.tensor_type.name not in ("F32", "F16")})
         o = ours(ck, ids, bits, torch.float16 if fmt == "gptq" else torch.float32)
         row["ppl_bitnest"] = math.exp(nll(o, ids))
         try:
@@ -160,7 +169,8 @@ def main() -> int:
         if r.get("consumer") == "skipped":
             lines.append(f"| {r['case']} | {r['format']} {r['export_args']} | skipped: {r['note']} | {r['ppl_bitnest']:.2f} | | | | |")
         else:
-            lines.append(f"| {r['case']} | {r['format']} {r['export_args']} | {r['consumer']} | {r['ppl_bitnest']:.2f} | "
+            types = f" ({', '.join(r['ggml_types'])})" if r.get("ggml_types") else ""
+            lines.append(f"| {r['case']} | {r['format']} {r['export_args']}{types} | {r['consumer']} | {r['ppl_bitnest']:.2f} | "
                          f"{r['ppl_consumer']:.2f} | {100 * r['ppl_rel_diff']:+.2f} % | {r['max_abs_logit_diff']:.3g} | "
                          f"{r['argmax_agreement']:.3f} |")
     note = (f"ref-10m (FP ppl {math.exp(fp_nll):.2f} on these windows), C4 held-out, the first {a.windows} windows of "
