@@ -366,6 +366,16 @@ def test_precision_names_parse():
             parse(bad)
 
 
+def test_serve_port_in_use_is_a_one_line_error(ckpt, capsys):
+    from bitnest.cli import main
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", "--model", str(ckpt), "--port", str(s.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot listen on 127.0.0.1:" in err[0]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--policy", "adaptive", "--ladder", "8,9"], "unknown precision '9'"),
     (["--precision", "int9"], "int9"),

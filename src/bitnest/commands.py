@@ -385,6 +385,12 @@ def cmd_serve(args) -> int:
 
     if not 1 <= args.port <= 65535:
         raise BitnestError(f"--port must be 1..65535, got {args.port}")
+    import socket
+    with socket.socket() as s:  # fail before loading the model, with one line instead of uvicorn's log
+        try:
+            s.bind((args.host, args.port))
+        except OSError as e:
+            raise BitnestError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     try:
         budgets = tuple(float(b) for b in args.budgets.split(",") if b.strip())
     except ValueError:
