@@ -92,15 +92,8 @@ def consumer_gptq(path: Path, ids: torch.Tensor, py: str) -> torch.Tensor:
 
 
 def consumer_llama_cpp(path: Path, ids: torch.Tensor) -> torch.Tensor:
-    import numpy as np
-    from llama_cpp import Llama
-    llm = Llama(model_path=str(path), n_ctx=CTX, logits_all=True, n_threads=2, n_batch=CTX, verbose=False)
-    out = []
-    for w in ids:
-        llm.reset()
-        llm.eval(w.tolist())
-        out.append(torch.from_numpy(np.array(llm.scores[:len(w)], dtype=np.float32)))
-    return torch.stack(out)
+    from bitnest.export.gguf import llama_cpp_logits
+    return llama_cpp_logits(path, ids)
 
 
 def main() -> int:

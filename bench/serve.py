@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import socket
@@ -28,8 +27,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, header, write_json, write_section  # noqa: E402
@@ -40,25 +37,12 @@ PROMPTS = ["Once upon a time", "The history of the city", "In 1990, the band", "
 
 
 def sliced8(name: str, data_dir) -> Path:
-    """The sliced-int8 (nested) checkpoint of a model, cached where bench/speed.py caches it."""
-    from bitnest.api import quantization_config, quantize
-    from bitnest.formats.checkpoint import save_quantized
-    from bitnest.models.hf import load_model
+    """The sliced-int8 (nested) checkpoint of a model, built and cached by bench/speed.py's helper."""
+    import speed
     if name == "ref-10m":
         from bitnest.paths import data_file
-        src, tag = data_file("models/ref-10m", data_dir), "ref-10m"
-    else:
-        import speed
-        src, tag = speed.synthetic_dir(), "tinyllama-1.1b-shape"
-    out = CACHE / f"{tag}-sliced8"
-    if not out.exists():
-        m = load_model(src)
-        quantize(m.model, "sliced", bits=8, progress=False)
-        save_quantized(m.model, m.tokenizer, out, quantization_config("sliced", m.model.bitnest_method[1], str(src)),
-                       storage_dtype=torch.bfloat16)
-        del m
-        gc.collect()
-    return out
+        return speed.sliced8_checkpoint(data_file("models/ref-10m", data_dir), "ref-10m")
+    return speed.sliced8_checkpoint(speed.synthetic_dir(), "tinyllama-1.1b-shape")
 
 
 def free_port() -> int:
@@ -266,6 +250,8 @@ def main() -> int:
         for r in fixed + [ad]:
             r["slo_ms"] = slo
         rows += fixed + [ad]
+        if a.quick:  # a smoke run writes nothing (not even the figure)
+            continue
         png = plot(model, {"requests": reqs, "samples": samples}, fixed, a, slo)
         requests_log.append({"model": model, "slo_ms": slo, "requests": reqs, "samples": samples})
         sections.append(_table(model, fixed + [ad], png, a, slo, peak))

@@ -349,22 +349,31 @@ def synthetic_dir() -> Path:
     return d
 
 
+def sliced8_checkpoint(src: Path, tag: str) -> Path:
+    """The sliced-int8 (nested) checkpoint of `src`, bf16 storage, cached in runs/bench_speed/ (bench/serve.py too)."""
+    from bitnest.api import quantization_config, quantize
+    from bitnest.formats.checkpoint import save_quantized
+    from bitnest.models.hf import load_model
+    out = CACHE / f"{tag}-sliced8"
+    if not out.exists():
+        m = load_model(src)
+        quantize(m.model, "sliced", bits=8, progress=False)
+        save_quantized(m.model, m.tokenizer, out, quantization_config("sliced", m.model.bitnest_method[1], str(src)),
+                       storage_dtype=torch.bfloat16)
+        del m
+        gc.collect()
+    return out
+
+
 def quantized_checkpoints(src: Path, tag: str) -> dict[str, Path]:
     """sliced int8 (nested), its standalone int4/int3/int2 slices, OneBit (sign + value vectors), cached."""
-    from bitnest.api import make_config, quantization_config, quantize
+    from bitnest.api import make_config, quantization_config
     from bitnest.cli import main as cli
     from bitnest.formats.checkpoint import save_quantized
     from bitnest.models.blocks import replace_module, select_linears
     from bitnest.models.hf import load_model
     from bitnest.nn.onebit import PackedSignLinear
-    out = {"int8": CACHE / f"{tag}-sliced8"}
-    if not out["int8"].exists():
-        m = load_model(src)
-        quantize(m.model, "sliced", bits=8, progress=False)
-        save_quantized(m.model, m.tokenizer, out["int8"], quantization_config("sliced", m.model.bitnest_method[1], str(src)),
-                       storage_dtype=torch.bfloat16)
-        del m
-        gc.collect()
+    out = {"int8": sliced8_checkpoint(src, tag)}
     for r in (4, 3, 2):
         out[f"int{r}"] = CACHE / f"{tag}-slice{r}"
         if not out[f"int{r}"].exists():
@@ -624,8 +633,6 @@ def checks(layer_rows: list[dict], e2e_rows: list[dict]) -> list[tuple[str, bool
                 within.append((s["to"], rel))
         out.append(("after a switch, decode within 15 % of the standalone int-r model", all(v >= 0.85 for _, v in within),
                     ", ".join(f"int{r}: {v:.2f}×" for r, v in within)))
-        n_w = sum(1 for _ in [0])  # placeholder for clarity below
-        del n_w
     return out
 
 

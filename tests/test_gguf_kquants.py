@@ -5,7 +5,6 @@ perplexity on ref-10m."""
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -270,18 +269,9 @@ def bitnest_logits(ckpt, ids) -> torch.Tensor:
 
 
 def llama_cpp_logits(path, ids) -> torch.Tensor:
-    """llama.cpp's logits for the same token ids (as bench/export_check.py's consumer_llama_cpp)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=CTX, logits_all=True, n_threads=2, n_batch=CTX, verbose=False)
-    try:
-        out = []
-        for w in ids:
-            llm.reset()
-            llm.eval(w.tolist())
-            out.append(torch.from_numpy(np.array(llm.scores[:len(w)], dtype=np.float32)))
-        return torch.stack(out)
-    finally:
-        llm.close()
+    pytest.importorskip("llama_cpp")
+    from bitnest.export.gguf import llama_cpp_logits as logits
+    return logits(path, ids)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

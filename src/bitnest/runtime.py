@@ -33,7 +33,7 @@ def nested_layers(model: nn.Module) -> dict[str, nn.Module]:
             if hasattr(m, "set_serve_bits") and getattr(m, "bits", None) == getattr(m, "parent_bits", None)}
 
 
-def _resolve(model: nn.Module, mods: dict[str, nn.Module], bits, budget, strategy) -> dict[str, int]:
+def resolve_mix(model: nn.Module, mods: dict[str, nn.Module], bits, budget, strategy) -> dict[str, int]:
     if budget is not None:
         if bits is not None:
             raise BitnestError("give bits (a width or a per-layer map) or a budget, not both")
@@ -60,7 +60,7 @@ def set_precision(model: nn.Module, bits: int | Mapping[str, int] | None = None,
     if not mods:
         raise BitnestError("this model has no Matryoshka (nested) layers: only sliced/matquant checkpoints switch "
                            "precision at run time")
-    mix = _resolve(model, mods, bits, budget, strategy)
+    mix = resolve_mix(model, mods, bits, budget, strategy)
     for n, r in mix.items():  # validate everything before changing anything
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= mods[n].bits:
             raise BitnestError(f"cannot serve {n} at {r!r} bits: it stores {mods[n].bits}-bit codes (choose 1..{mods[n].bits})")

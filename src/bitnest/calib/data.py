@@ -77,7 +77,7 @@ def generate_tokens(model, n: int, seq: int, seed: int = 0, batch_size: int = 16
     return self_generate(model, n, seq, batch_size=batch_size, seed=seed, progress=False)  # (n, seq)
 
 
-def _tokenizer_of(model):
+def tokenizer_of(model):
     from ..models.hf import _load_tokenizer
     src = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
     if not src or not Path(src).is_dir():
@@ -91,7 +91,7 @@ def _tokenizer_of(model):
 def calibration_tokens(model, opts: CalibOptions, tokenizer=None, data_dir=None) -> torch.LongTensor:
     """The (n_calib, calib_len) calibration windows described by `opts`."""
     src = opts.calib_data
-    tok = tokenizer or (None if src == "generate" else _tokenizer_of(model))
+    tok = tokenizer or (None if src == "generate" else tokenizer_of(model))
     if src == "auto":
         src = "c4" if tok is not None else "generate"
     if src == "generate":

@@ -557,3 +557,23 @@ def write_gguf(loaded, layers: list[Layer], out: Path, *, approximate: bool = Fa
     return {"format": "gguf", "out": str(out), "layers": len(layers), "types": sorted(set(types.values())),
             "layer_types": types, "file_type": file_type(weights, gguf).name,
             "max_abs_weight_change": max(errors.values())}
+
+
+def llama_cpp_logits(path, ids: torch.Tensor, n_threads: int = 2) -> torch.Tensor:
+    """llama.cpp's own logits (W, T, V) for token windows `ids` (W, T) of a GGUF file — the consumer's view of an
+    export, for checking it against bitnest (needs llama-cpp-python; the same ids, no re-tokenization)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise BitnestError("checking a GGUF with llama.cpp needs llama-cpp-python (pip install llama-cpp-python)") from None
+    T = ids.shape[-1]
+    llm = Llama(model_path=str(path), n_ctx=T, logits_all=True, n_threads=n_threads, n_batch=T, verbose=False)
+    try:
+        out = []
+        for w in ids:
+            llm.reset()
+            llm.eval(w.tolist())
+            out.append(torch.from_numpy(np.array(llm.scores[:len(w)], dtype=np.float32)))  # (T, V)
+        return torch.stack(out)
+    finally:
+        llm.close()

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException
@@ -168,17 +167,6 @@ def build_app(server: Server) -> FastAPI:
         if eng.metrics is not None:
             eng.metrics.rejected.labels(str(e.status)).inc()
         return _error(e.status, e.message, e.type, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_req, e: RequestValidationError):
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        if eng.metrics is not None:
-            eng.metrics.rejected.labels("400").inc()
-        if first.get("type") == "json_invalid":
-            return _error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
-        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
-        return _error(400, f"{loc}: {first.get('msg', 'invalid value')}", param=loc)
 
     @app.exception_handler(HTTPException)
     async def _http(_req, e: HTTPException):

@@ -33,6 +33,7 @@ from .policy import Signals
 from .precision import Precision
 
 log = logging.getLogger("bitnest.serve")
+TICK_S = 0.05  # how often the policy and the gauges are updated
 
 
 @dataclass(eq=False)
@@ -91,6 +92,7 @@ class Engine:
         self._mask: torch.Tensor | None = None  # (B, L) 1 = a real token in the cache
         self._cv = threading.Condition()
         self._running = False
+        self._last_tick = float("-inf")
         self._thread: threading.Thread | None = None
         if caps.switchable and caps.loaded is None:  # loaded as a per-layer mix: start from one width
             self._switch(caps.own, initial=True)
@@ -140,9 +142,12 @@ class Engine:
                 self._rows, self._cache, self._mask = [], None, None
 
     def _tick(self) -> None:
+        """Policy and gauges, at most every TICK_S (hold times are seconds: no /proc read per decode step)."""
         now = time.monotonic()
-        sig = Signals(queue=self.queue_depth, ttft_p90_ms=getattr(self.policy, "ttft_p90_ms", lambda _: 0.0)(now),
-                      rss_bytes=rss_bytes())
+        if now - self._last_tick < TICK_S:
+            return
+        self._last_tick = now
+        sig = Signals(queue=self.queue_depth, ttft_p90_ms=self.policy.ttft_p90_ms(now), rss_bytes=rss_bytes())
         self.policy.tick(sig, now)
         if self.metrics is not None:
             self.metrics.gauges(self, sig)

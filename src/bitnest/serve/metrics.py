@@ -1,6 +1,8 @@
 """/metrics in Prometheus text format (prometheus_client, one registry per server)."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -31,8 +33,8 @@ class Metrics:
         self.queue.set(len(engine._waiting))
         self.running.set(len(engine._rows))
         self.rss.set(sig.rss_bytes)
-        self.policy_bits.set(_bits(engine, engine.policy.current))
-        self.precision_bits.set(_bits(engine, engine.serving))
+        self.policy_bits.set(engine.caps.bits_per_weight(engine.policy.current))
+        self.precision_bits.set(engine.caps.bits_per_weight(engine.serving))
         n = engine.policy.n_changes
         if n > self._policy_seen:
             self.policy_changes.inc(n - self._policy_seen)
@@ -46,7 +48,6 @@ class Metrics:
         self.requests.labels(p, finish).inc()
         self.prompt_tokens.labels(p).inc(len(job.prompt_ids))
         self.completion_tokens.labels(p).inc(len(job.ids))
-        import time
         self.latency.labels(p).observe(time.monotonic() - job.arrived)
 
     def switch(self, ev: dict) -> None:
@@ -56,15 +57,3 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-
-def _bits(engine, p) -> float:
-    """Bits per nested weight a precision stores (its width, or its mix's mean)."""
-    if p.bits is not None:
-        return float(p.bits)
-    if p.budget is not None:
-        mix = engine.caps.mix(p)
-        mods = engine.caps.mods
-        n = sum(mods[k].in_features * mods[k].out_features for k in mix)
-        return sum(r * mods[k].in_features * mods[k].out_features for k, r in mix.items()) / max(n, 1)
-    digits = "".join(c for c in p.label if c.isdigit())  # a fixed checkpoint: "int4" → 4, "bf16" → 16
-    return float(digits) if digits else float("nan")

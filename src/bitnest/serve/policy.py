@@ -120,5 +120,8 @@ class Fixed:
     def observe_ttft(self, seconds: float, now: float | None = None) -> None:
         pass
 
+    def ttft_p90_ms(self, now: float) -> float:
+        return 0.0
+
     def tick(self, s: Signals, now: float | None = None) -> None:
         return None

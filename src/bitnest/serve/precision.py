@@ -63,6 +63,7 @@ class Capabilities:
         self.own = Precision(bits=self.parent) if self.parent else Precision(fixed=loaded_label)
         self.model = model
         self._mixes: dict[float, dict[str, int]] = {}
+        self._bpw: dict[float, float] = {}
         widths = {m.serve_bits for m in self.mods.values()}
         # what the checkpoint serves as loaded (its saved width, as `bitnest generate` serves it); None when mixed
         self.loaded = Precision(bits=widths.pop()) if len(widths) == 1 else (None if widths else self.own)
@@ -95,8 +96,20 @@ class Capabilities:
         if p.bits is not None:
             return {n: p.bits for n in self.mods}
         if p.budget not in self._mixes:
-            from ..mixnmatch import strategy_mix
-            from ..runtime import DEFAULT_STRATEGY
-            levels = tuple(sorted({self.parent, 4, 2}, reverse=True))
-            self._mixes[p.budget] = strategy_mix(self.model, DEFAULT_STRATEGY, p.budget, names=list(self.mods), levels=levels)
+            from ..runtime import DEFAULT_STRATEGY, resolve_mix
+            self._mixes[p.budget] = resolve_mix(self.model, self.mods, None, p.budget, DEFAULT_STRATEGY)
         return self._mixes[p.budget]
+
+    def bits_per_weight(self, p: Precision) -> float:
+        """Bits per nested weight that `p` serves (its width, or its mix's weighted mean); a fixed checkpoint's own
+        label ("int4" → 4, "bf16" → 16)."""
+        if p.bits is not None:
+            return float(p.bits)
+        if p.budget is not None:
+            if p.budget not in self._bpw:
+                sizes = {k: m.in_features * m.out_features for k, m in self.mods.items()}
+                mix = self.mix(p)
+                self._bpw[p.budget] = sum(r * sizes[k] for k, r in mix.items()) / max(sum(sizes[k] for k in mix), 1)
+            return self._bpw[p.budget]
+        digits = "".join(c for c in p.label if c.isdigit())
+        return float(digits) if digits else float("nan")

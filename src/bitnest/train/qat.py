@@ -101,8 +101,8 @@ def training_data(teacher: nn.Module, settings: DistillSettings, tokenizer=None,
         return self_generate(teacher, settings.n_samples, settings.seq_len, batch_size=settings.gen_batch,
                              seed=settings.seed, progress=progress)
     if tokenizer is None:  # the tokenizer saved next to the weights, as calibration data does
-        from ..calib.data import _tokenizer_of
-        tokenizer = _tokenizer_of(teacher)
+        from ..calib.data import tokenizer_of
+        tokenizer = tokenizer_of(teacher)
     if tokenizer is None:
         raise BitnestError(f"training on {settings.data} needs the model's tokenizer; pass tokenizer=..., or use data='self'")
     return text_sequences(tokenizer, settings.data, settings.seq_len, limit=settings.n_samples)
