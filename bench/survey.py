@@ -630,7 +630,8 @@ def transcription_check(args, layer="model.layers.3.mlp.down_proj", n_calib=None
     from bitnest.calib.data import CalibOptions, calibration_tokens
     from bitnest.calib.driver import Hessian
     from bitnest.grids.affine import AffineSpec, dequantize, fit, quantize
-    from bitnest.methods.gptq import AffineGrid, gptq
+    from bitnest.grids.affine import AffineGrid
+    from bitnest.methods.gptq import gptq
 
     torch.set_num_threads(args.threads)
     loaded, ctx = load("ref-10m", args.data_dir)

@@ -5,7 +5,8 @@ from torch import nn
 
 from bitnest.calib.clip import output_error, qdq, search_clip
 from bitnest.grids.affine import AffineSpec
-from bitnest.methods.gptq import AffineGrid, GPTQConfig, gptq, quantize_linear
+from bitnest.grids.affine import AffineGrid
+from bitnest.methods.gptq import GPTQConfig, gptq, quantize_linear
 from bitnest.nn.qlinear import QuantLinear
 
 
@@ -98,11 +99,11 @@ def test_clip_search_never_worse_and_helps_at_low_bits():
     W[:, 0] *= 8  # an outlier column: MinMax wastes its range on it
     for spec in (AffineSpec(2, 32), AffineSpec(3, None), AffineSpec(4, -1), AffineSpec(3, 64, True)):
         gamma = search_clip(W, H, spec)
-        e_clip = output_error(W, qdq(W, spec, gamma), H)
-        e_minmax = output_error(W, qdq(W, spec, None), H)
+        e_clip = output_error(W, qdq(W, spec, gamma)[0][1], H)
+        e_minmax = output_error(W, qdq(W, spec, None)[0][1], H)
         assert (e_clip.sum() <= e_minmax.sum()) and (gamma <= 1).all()
     spec = AffineSpec(2, 32)
-    assert output_error(W, qdq(W, spec, search_clip(W, H, spec)), H).sum() < 0.9 * output_error(W, qdq(W, spec, None), H).sum()
+    assert output_error(W, qdq(W, spec, search_clip(W, H, spec))[0][1], H).sum() < 0.9 * output_error(W, qdq(W, spec, None)[0][1], H).sum()
 
 
 def test_gptq_smoke_ref10m_beats_rtn(ref10m_path):

@@ -26,7 +26,8 @@ def test_bitnest_gptq_equals_the_reference_loop_on_the_same_grid(bits, group, on
     """bitnest's GPTQ (act-order, static groups) gives the very weights of the transcribed reference loop run
     on bitnest's grid, and beats RTN in output error."""
     from bitnest.grids.affine import AffineSpec, dequantize, fit, quantize
-    from bitnest.methods.gptq import AffineGrid, gptq
+    from bitnest.grids.affine import AffineGrid
+    from bitnest.methods.gptq import gptq
 
     torch.manual_seed(0)
     _, H = correlated(256)

@@ -80,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(q)
     q.add_argument("--method", default="rtn")
     q.add_argument("--bits", type=bits_arg, help="bits per weight (default 4; sliced: the width served, the checkpoint keeps int8; "
-                   "matquant: the precisions R trained together, e.g. 8,4,2)")
+                   "matquant/matgptq: the precisions R optimized together, e.g. 8,4,2)")
     # SUPPRESS: options not given keep the method's own defaults (nf/log: groups of 64, share: per tensor)
     q.add_argument("--group-size", type=group_size, default=argparse.SUPPRESS,
                    help="'channel', 'tensor' or N inputs per group (default: the method's, usually per channel)")
     q.add_argument("--symmetric", action="store_true", default=argparse.SUPPRESS)
     q.add_argument("--targets", type=targets, default=None, help="all (default; matquant: ffn) | ffn | attn | comma-separated globs over module names")
     q.add_argument("--flavour", choices=("qat", "omniquant"), help="matquant: end-to-end QAT (default) or block-wise OmniQuant")
-    q.add_argument("--lambdas", help="matquant: loss weight per precision, in the order of --bits (default 0.1,...,0.1,1)")
+    q.add_argument("--lambdas", help="matquant/matgptq: loss weight per precision, in the order of --bits (default matquant 0.1,...,0.1,1; matgptq doubling from the narrowest, e.g. 8,4,2,1)")
     q.add_argument("--codistill", help="matquant: co-distillation in the paper's notation, e.g. \"[8,4,2,8→2]\" or \"[8,4,2,8->4;2]\"")
     q.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any field of the method's config, e.g. -o steps=200 -o init=svd (see `bitnest methods`)")

@@ -33,7 +33,7 @@ def cmd_quantize(args) -> int:
     if args.targets is not None:
         opts["targets"] = args.targets
     if args.bits is not None:
-        if args.method == "matquant":  # --bits 8,4,2: the precisions trained together
+        if args.method in ("matquant", "matgptq"):  # --bits 8,4,2: the precisions trained (or optimized) together
             opts["precisions"] = args.bits if isinstance(args.bits, tuple) else (args.bits,)
         elif isinstance(args.bits, tuple):
             raise BitnestError(f"--bits {','.join(map(str, args.bits))}: a list of precisions is for --method matquant; "
@@ -42,7 +42,7 @@ def cmd_quantize(args) -> int:
             opts["bits"] = args.bits
     for flag in ("flavour", "lambdas", "codistill"):
         if getattr(args, flag, None) is not None:
-            if args.method != "matquant":
+            if args.method != "matquant" and not (flag == "lambdas" and args.method == "matgptq"):
                 raise BitnestError(f"--{flag} is a matquant option (got --method {args.method})")
             opts[flag] = getattr(args, flag)
     config = make_config(args.method, **{**opts, **parse_options(args.method, args.option)})

@@ -21,27 +21,29 @@ def output_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> torch.
     return ((D @ H.float()) * D).sum(1)
 
 
-def qdq(W: torch.Tensor, spec: AffineSpec, gamma: torch.Tensor | None, serve_bits: int | None = None) -> torch.Tensor:
-    """Ŵ (out, in) of the grid fitted with clipping γ (R, G); served at `serve_bits` for a nested grid."""
+def qdq(W: torch.Tensor, spec: AffineSpec, gamma: torch.Tensor | None, serve_bits: int | None = None,
+        multi=None) -> list[tuple[float, torch.Tensor]]:
+    """[(λ, Ŵ (out, in))] of the grid fitted with clipping γ (R, G): one (1, Ŵ) served at `serve_bits` (a nested
+    grid's slice), or with `multi` (grids/nested.MultiWidth) one per width, codes rounded for all widths."""
     alpha, z = fit(W, spec, gamma, gamma)
-    q = quantize(W, spec, alpha, z)  # (out, in) uint8
-    r = serve_bits or spec.bits
-    if r != spec.bits:
-        q = slice_codes(q, spec.bits, r)
-    return dequantize(q, spec, alpha, z, shift=spec.bits - r)
+    q = quantize(W, spec, alpha, z, multi)  # (out, in) uint8
+    widths = [(serve_bits or spec.bits, 1.0)] if multi is None else list(zip(multi.widths, multi.lambdas))
+    c = spec.bits
+    return [(lam, dequantize(q if r == c else slice_codes(q, c, r), spec, alpha, z, shift=c - r)) for r, lam in widths]
 
 
 @torch.no_grad()
 def search_clip(W: torch.Tensor, H: torch.Tensor | None, spec: AffineSpec, serve_bits: int | None = None,
-                ratios=RATIOS) -> torch.Tensor:
-    """γ (R, G) per row minimizing the output error (H = None: the weight MSE). Per-tensor grids get one γ."""
+                ratios=RATIOS, multi=None) -> torch.Tensor:
+    """γ (R, G) per row minimizing the output error (H = None: the weight MSE). Per-tensor grids get one γ.
+    `multi`: slice-aware clipping — the λ-weighted sum of every width's error (Matryoshka GPTQ)."""
     W = W.detach().float()  # (out, in)
     R, G, _ = grouped(W, spec.group_size).shape
     best_err, best = None, torch.ones(R, G, device=W.device)
     for r in ratios:
         gamma = torch.full((R, G), r, device=W.device)
-        What = qdq(W, spec, gamma, serve_bits)  # (out, in)
-        err = output_error(W, What, H) if H is not None else ((W - What) ** 2).sum(1)  # (out,)
+        err = sum(lam * (output_error(W, What, H) if H is not None else ((W - What) ** 2).sum(1))
+                  for lam, What in qdq(W, spec, gamma, serve_bits, multi))  # (out,)
         if R == 1:
             err = err.sum().reshape(1)  # per tensor: one γ for the whole matrix
         if best_err is None:

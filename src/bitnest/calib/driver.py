@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import BitnestError
-from ..models.blocks import get_blocks
+from ..models.blocks import get_blocks, replace_module
 
 
 class _Captured(Exception):
@@ -153,3 +153,38 @@ class Hessian:
         self.n += N
         X = X * (2 / self.n) ** 0.5
         self.H += X.T @ X  # (in, in)
+
+
+def sequential_quantize(block, runner: BlockRunner, names: list[str], make, stat=Hessian, sequential: bool = True) -> None:
+    """For each group of sub-layers fed the same input (q/k/v, o, gate/up, down), accumulate statistics of that
+    input (stat(in_features, device).add(x); default the Hessian), then replace the group's layers by
+    make(names, linears, stats) -> modules. True-sequential: each group's inputs are seen with the earlier
+    groups already quantized; otherwise all groups are collected in one pass."""
+    groups = runner.groups(names)
+    for todo in ([[g] for g in groups] if sequential else [groups]):
+        lins = [[block.get_submodule(n) for n in g] for g in todo]
+        stats = [stat(ls[0].in_features, ls[0].weight.device) for ls in lins]
+        runner.collect({ls[0]: st.add for ls, st in zip(lins, stats)})
+        for g, ls, st in zip(todo, lins, stats):
+            for n, m in zip(g, make(g, ls, st)):
+                replace_module(block, n, m)
+
+
+def calibrated(model, config, names: list[str], calib, make, stat=Hessian, progress: bool = True,
+               desc: str = "calib") -> None:
+    """Block by block, replace every named Linear inside the blocks by make(full_names, linears, stats) ->
+    modules, `stats` accumulated over the group's common input (true-sequential unless config says not).
+    `calib`: token ids (n, L), or None / options resolved by calib.data.as_calib from `config`."""
+    from .data import as_calib
+    calib = as_calib(calib, model, config)
+    todo = set(names)
+
+    def process(prefix, block, runner):
+        local = [n[len(prefix) + 1:] for n in names if n.startswith(prefix + ".")]
+        sequential_quantize(block, runner, local, lambda ns, lins, st: make([f"{prefix}.{n}" for n in ns], lins, st),
+                            stat, sequential=getattr(config, "true_sequential", True))
+        todo.difference_update(f"{prefix}.{n}" for n in local)
+
+    blockwise(model, calib, process, batch_size=getattr(config, "batch_size", 8), progress=progress, desc=desc)
+    if todo:  # Linears outside the decoder blocks (e.g. lm_head named by a glob): no block inputs
+        raise BitnestError(f"{sorted(todo)[0]} is outside the decoder blocks; calibrated methods quantize block layers only")

@@ -96,15 +96,17 @@ def zero_point(spec: AffineSpec, z: torch.Tensor | None) -> torch.Tensor | float
     return float(1 << (spec.bits - 1)) if z is None else z.float()
 
 
-def quantize(W: torch.Tensor, spec: AffineSpec, alpha: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+def quantize(W: torch.Tensor, spec: AffineSpec, alpha: torch.Tensor, z: torch.Tensor | None, multi=None) -> torch.Tensor:
     """q = clamp(round(w/α + z), 0, 2^b − 1) as uint8, shape of W (torch.round: half to even).
 
     z is real-valued (the paper's z = −min/α), so it is added before rounding: min(w) maps to code 0 and
-    max(w) to 2^b − 1 exactly, and the error stays ≤ α/2 everywhere inside the range."""
+    max(w) to 2^b − 1 exactly, and the error stays ≤ α/2 everywhere inside the range. `multi`
+    (grids/nested.MultiWidth): round to the code best for all its slices at once instead."""
     Wg = grouped(W.float(), spec.group_size)  # (R, G, g)
     zz = zero_point(spec, z)
     zz = zz.unsqueeze(-1) if isinstance(zz, torch.Tensor) else zz
-    q = torch.round(Wg / alpha.float().unsqueeze(-1) + zz).clamp(0, spec.qmax)
+    u = Wg / alpha.float().unsqueeze(-1) + zz  # (R, G, g): positions on the grid
+    q = torch.round(u).clamp(0, spec.qmax) if multi is None else multi.round(u)
     return q.to(torch.uint8).reshape(W.shape)
 
 
@@ -142,3 +144,47 @@ def fake_quant(W: torch.Tensor, spec: AffineSpec) -> torch.Tensor:
     zz = zz.unsqueeze(-1) if isinstance(zz, torch.Tensor) else zz
     q = round_ste(Wg / a + zz).clamp(0, spec.qmax)
     return (a * (q - zz)).reshape(W.shape).to(W.dtype)
+
+
+class AffineGrid:
+    """Column hooks for GPTQ-style solvers on the affine grid (fit params on a set of columns / quantize a column
+    to codes / dequantize codes to what the error feedback sees / stack the params for storage), with the same
+    float ops as `fit/quantize/dequantize`, so GPTQ with H = I reproduces RTN bit for bit.
+
+    serve_bits r < spec.bits: the nested grid, whose codes are c-bit and whose dequantized value is the r-bit
+    slice (as `kernels.reference` serves it). widths: Matryoshka GPTQ — codes minimise the λ-weighted error of
+    every slice in `widths` (grids/nested.MultiWidth) and the feedback sees their λ-mean reconstruction."""
+
+    def __init__(self, spec: AffineSpec, serve_bits: int | None = None, widths=None, lambdas=None):
+        from .nested import MultiWidth
+        self.spec, self.r = spec, serve_bits or spec.bits
+        self.multi = None if widths is None else MultiWidth(spec.bits, widths, lambdas)
+
+    def fit(self, W: torch.Tensor, gamma=None):
+        """Params for the columns W (out, k): (alpha, z) each (out, 1) — or (1, 1) for a per-tensor grid."""
+        spec = AffineSpec(self.spec.bits, -1 if self.spec.group_size == -1 else None, self.spec.symmetric, self.spec.int_zero)
+        return fit(W, spec, gamma, gamma)
+
+    def prepare(self, params):
+        """(α, z) as stored -> the float columns the loop uses: α (out,) or (1,), zero point (out,) or float."""
+        alpha, z = params
+        return alpha.float()[:, 0], float(1 << (self.spec.bits - 1)) if z is None else z.float()[:, 0]
+
+    def quantize(self, w: torch.Tensor, p) -> torch.Tensor:
+        a, zz = p
+        if self.multi is not None:
+            return self.multi.round(w / a + zz)  # (out,) c-bit codes best for all widths at once
+        return torch.round(w / a + zz).clamp_(0, self.spec.qmax)  # (out,) codes as float, as `quantize`
+
+    def dequantize(self, q: torch.Tensor, p) -> torch.Tensor:
+        from .nested import slice_codes
+        a, zz = p
+        if self.multi is not None:
+            return a * (self.multi.mean(q) - zz)  # (out,) the λ-mean of the slices' reconstructions
+        c, r = self.spec.bits, self.r
+        t = q if r == c else slice_codes(q.to(torch.uint8), c, r).float() * float(1 << (c - r))
+        return a * (t - zz)  # (out,), as `dequantize`
+
+    def stack(self, params):
+        """Per-group params -> the stored (alpha, z), each (R, G)."""
+        return torch.cat([p[0] for p in params], 1), None if params[0][1] is None else torch.cat([p[1] for p in params], 1)

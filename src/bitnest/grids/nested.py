@@ -43,3 +43,68 @@ def slice_ste(q_float: torch.Tensor, c: int, r: int, clamp: bool = True) -> torc
     if clamp:
         t = t.clamp(max=(1 << r) - 1)
     return t * step
+
+
+# ------------------------------------------------------------------------------------ multi-width rounding
+
+
+class MultiWidth:
+    """The nested rounding objective of Matryoshka GPTQ (MatGPTQ, Kleinegger et al. 2026): the c-bit code q of
+    a weight at u = w/α + z (its position on the parent's grid) that minimises the λ-weighted squared error of
+    every served slice,
+
+        q*(u) = argmin_q Σ_r λ_r (u − S(q, r))²  =  argmin_q  B_q − 2u·A_q,
+        A_q = Σ_r λ_r S(q, r) / Λ,   B_q = Σ_r λ_r S(q, r)² / Λ,   Λ = Σ_r λ_r.
+
+    Each q is a line in u, so q*(u) is the lower envelope of 2^c lines: computed once (convex-hull trick),
+    then a weight's code is one `searchsorted` on the envelope's breakpoints — O(log 2^c) per weight instead of
+    trying all 2^c codes. With λ only on r = c it is round-to-nearest on the c-bit grid. `mean(q)` = A_q is
+    the λ-mean reconstruction whose error GPTQ spreads to later columns (the compensation that minimises the
+    λ-weighted output error of all widths at once)."""
+
+    def __init__(self, c: int, widths, lambdas=None):
+        widths = tuple(int(r) for r in widths)
+        lambdas = tuple(float(x) for x in (lambdas if lambdas is not None else [1.0] * len(widths)))
+        if not widths or len(lambdas) != len(widths) or any(not 1 <= r <= c for r in widths):
+            raise BitnestError(f"widths must be in 1..{c} with one λ each, got {widths} / {lambdas}")
+        if any(not x >= 0 for x in lambdas) or not any(x > 0 for x in lambdas):
+            raise BitnestError(f"λ must be non-negative and not all zero, got {lambdas}")
+        self.c, self.widths, self.lambdas = c, widths, lambdas
+        q = torch.arange(1 << c, dtype=torch.uint8)
+        T = torch.stack([S(q, c, r).double() for r in widths])  # (W, 2^c): slice values on the parent's scale
+        lam = torch.tensor(lambdas, dtype=torch.float64)[:, None] / sum(lambdas)  # (W, 1)
+        self.A, self.B = (lam * T).sum(0), (lam * T * T).sum(0)  # (2^c,) each
+        self.codes, self.breaks = self._envelope()
+
+    def _envelope(self):
+        """Codes on the lower envelope of the lines B_q − 2u·A_q, by increasing u, and the u where each hands
+        over to the next."""
+        A, B = self.A.tolist(), self.B.tolist()
+        best: dict[float, int] = {}  # equal slopes: only the lowest line can be minimal
+        for q in range(len(A)):
+            if A[q] not in best or B[q] < B[best[A[q]]]:
+                best[A[q]] = q
+        order = [best[a] for a in sorted(best)]  # increasing A: the minimum at small u comes first
+        cross = lambda i, j: (B[j] - B[i]) / (2 * (A[j] - A[i]))  # u where lines i and j are equal
+        hull: list[int] = []
+        for q in order:
+            while len(hull) >= 2 and cross(hull[-2], q) <= cross(hull[-2], hull[-1]):
+                hull.pop()  # the last line is never strictly below both neighbours
+            hull.append(q)
+        breaks = [cross(hull[k], hull[k + 1]) for k in range(len(hull) - 1)]
+        return torch.tensor(hull, dtype=torch.uint8), torch.tensor(breaks, dtype=torch.float64)
+
+    def round(self, u: torch.Tensor) -> torch.Tensor:
+        """q*(u) for every element of u (any shape, real-valued positions on the parent grid), as float codes."""
+        idx = torch.searchsorted(self.breaks.to(u.device), u.double().contiguous())
+        return self.codes.to(u.device)[idx].to(u.dtype)
+
+    def mean(self, q: torch.Tensor) -> torch.Tensor:
+        """A_q: the λ-mean of the slices of codes q on the parent's scale (same dtype as q if floating)."""
+        dt = q.dtype if q.is_floating_point() else torch.float32
+        return self.A.to(q.device, dt)[q.long()]
+
+    def objective(self, u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Σ_r λ_r (u − S(q, r))² / Λ, elementwise (the value `round` minimises)."""
+        A, B = self.A.to(u.device)[q.long()], self.B.to(u.device)[q.long()]
+        return (B - 2 * u.double() * A + u.double() ** 2).to(u.dtype)

@@ -24,7 +24,8 @@ from ..nn.actquant import ACT_MODES, ActQuantLinear, fake_quant_sym
 from ..nn.intlinear import IntLinear
 from ..nn.qlinear import QuantLinear
 from . import QuantConfig, register
-from .gptq import GPTQConfig, calibrated, quantize_linears
+from ..calib.driver import calibrated
+from .gptq import GPTQConfig, quantize_linears
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from ..calib.data import CalibOptions
 from ..grids.affine import AffineSpec, fit, quantize
 from ..nn.qlinear import QuantLinear
 from . import QuantConfig, register
-from .gptq import calibrated
+from ..calib.driver import calibrated
 
 
 @dataclass(frozen=True)

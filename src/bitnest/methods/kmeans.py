@@ -54,7 +54,7 @@ def kmeans_linear(lin, bits: int, group_size, iters: int, weights=None) -> Codeb
 
 def _kmeans(model, config: KMeansConfig, names, progress, calib, desc):
     if config.weighted:
-        from .gptq import calibrated
+        from ..calib.driver import calibrated
 
         def make(ns, lins, st):
             d = st.H.diag().clamp_min(1e-8 * st.H.diag().mean())  # (in,) ∝ E[x_j²]: the error weight of input j
