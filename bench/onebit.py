@@ -5,6 +5,7 @@ For ref-10m (ctx 256) and stories260K (ctx 512), one table each:
   w2_rtn                      2-bit RTN, per channel, no groups
   onebit × {svd, nmf, sign} × {hidden-state loss on, off}     the paper's layer (post-LayerNorm on)
   onebit nmf, post-LN off     ablation: the layer without its output LayerNorm
+  onebit-default              bitnest's default layer (NMF SVID, no post-LayerNorm: the best measured here)
   bitnet                      Sign(W − mean W) · mean|W − mean W|, the same distillation (hidden loss on)
   onebit svd / bitnet, -emb   the same two with the 16-bit embeddings trained too (the reference's full
                               fine-tune); opt-in: --resume --variants onebit-svd-emb bitnet-emb (≈ 10 min more)
@@ -18,6 +19,10 @@ Writes bench/results/onebit.json (rows) and bench/results/onebit_curves.png (tra
     python bench/onebit.py                      # the default budget (≈ 45 min on 2 CPU cores)
     python bench/onebit.py --resume             # after an interruption: only the rows not yet in onebit.json
     python bench/onebit.py --steps 3 --limit 2 --samples 8 --no-write   # a smoke run
+    python bench/onebit.py --variants onebit-default bitnet --name onebit_default   # the default vs the baselines
+
+Each row keeps its per-window NLLs (windows_<text>); tables give Δ NLL vs FP with a paired bootstrap 95 % interval,
+and the default layer's paired differences to BitNet-style and W2 RTN when those rows are present.
 """
 from __future__ import annotations
 
@@ -43,16 +48,18 @@ from common import MODELS, RESULTS, fmt_table, header, write_json, write_section
 
 # name, method, config overrides
 VARIANTS = [
-    ("onebit-svd", "onebit", {"init": "svd", "hidden_loss": True}),
-    ("onebit-nmf", "onebit", {"init": "nmf", "hidden_loss": True}),
-    ("onebit-sign", "onebit", {"init": "sign", "hidden_loss": True}),
-    ("onebit-svd-nohidden", "onebit", {"init": "svd", "hidden_loss": False}),
-    ("onebit-nmf-nohidden", "onebit", {"init": "nmf", "hidden_loss": False}),
-    ("onebit-sign-nohidden", "onebit", {"init": "sign", "hidden_loss": False}),
+    ("onebit-svd", "onebit", {"init": "svd", "hidden_loss": True, "post_ln": True}),
+    ("onebit-nmf", "onebit", {"init": "nmf", "hidden_loss": True, "post_ln": True}),
+    ("onebit-sign", "onebit", {"init": "sign", "hidden_loss": True, "post_ln": True}),
+    ("onebit-svd-nohidden", "onebit", {"init": "svd", "hidden_loss": False, "post_ln": True}),
+    ("onebit-nmf-nohidden", "onebit", {"init": "nmf", "hidden_loss": False, "post_ln": True}),
+    ("onebit-sign-nohidden", "onebit", {"init": "sign", "hidden_loss": False, "post_ln": True}),
     ("onebit-nmf-noln", "onebit", {"init": "nmf", "hidden_loss": True, "post_ln": False}),
     ("bitnet", "bitnet", {"hidden_loss": True}),
+    # bitnest's default OneBit layer (no post-LayerNorm since issue 14; the same config as onebit-nmf-noln)
+    ("onebit-default", "onebit", {"hidden_loss": True}),
     # the reference code fine-tunes the whole student: the 16-bit (tied) embeddings train too
-    ("onebit-svd-emb", "onebit", {"init": "svd", "hidden_loss": True, "train_embeddings": True}),
+    ("onebit-svd-emb", "onebit", {"init": "svd", "hidden_loss": True, "post_ln": True, "train_embeddings": True}),
     ("bitnet-emb", "bitnet", {"hidden_loss": True, "train_embeddings": True}),
 ]
 
@@ -80,8 +87,8 @@ def run_evals(model, tok, spec, storage_dtype, args, sampled: Path | None) -> di
     for data in spec["evals"]:
         src = str(sampled) if data == "sampled" else data
         r = evaluate(model, tok, src, data_dir=args.data_dir, ctx=spec["ctx"], limit=args.limit,
-                     batch_size=args.eval_batch, storage_dtype=storage_dtype, progress=False)
-        out[f"ppl_{data}"] = r["ppl"]
+                     batch_size=args.eval_batch, storage_dtype=storage_dtype, progress=False, keep_windows=True)
+        out[f"ppl_{data}"], out[f"windows_{data}"] = r["ppl"], r["window_nll"]
         out[f"eval_tokens_{data}"] = r["tokens"]
         out["limited"] = out.get("limited", False) or r["limited"]
         out["bits_per_weight"], out["model_bytes"] = r["bits_per_weight"], r["model_bytes"]
@@ -101,12 +108,37 @@ COLS = [("run", "run", ""), ("init", "init", ""), ("hidden_loss", "hidden loss",
         ("train_tokens", "train tokens", ","), ("train_seconds", "train s", ".0f")]
 
 
+def _interval(a: dict, b: dict, data: str) -> str | None:
+    """a − b mean window NLL on `data` with its paired bootstrap 95 % interval, or None without windows."""
+    from bitnest.eval.perplexity import paired_interval
+    wa, wb = a.get(f"windows_{data}"), b.get(f"windows_{data}")
+    if not wa or not wb or len(wa) != len(wb):
+        return None
+    d, lo, hi = paired_interval(wa, wb)
+    return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" + (" ≈" if lo <= 0 <= hi else "")
+
+
 def table(rows: list[dict], model: str) -> str:
     trained = ("onebit", "bitnet")  # rows written before the train_embeddings variants existed did not train them
     sel = [{"train_embeddings": False if r["method"] in trained else None, **r, "model_mib": r["model_bytes"] / 2**20}
            for r in rows if r["model"] == model]
-    cols = [c for c in COLS if any(r.get(c[0]) is not None for r in sel)]
-    return fmt_table(sel, cols)
+    fp = next((r for r in sel if r["run"] == "fp"), None)
+    cols = list(COLS)
+    if fp is not None and fp.get("windows_c4"):
+        for r in sel:
+            for d in ("c4", "wikitext2"):
+                r[f"d_{d}"] = _interval(r, fp, d) if r is not fp else None
+        i = next(k for k, c in enumerate(cols) if c[0] == "ppl_sampled")
+        cols[i:i] = [("d_c4", "C4 Δ NLL vs FP [95 %]", ""), ("d_wikitext2", "Wiki Δ NLL vs FP [95 %]", "")]
+    cols = [c for c in cols if any(r.get(c[0]) is not None for r in sel)]
+    out = fmt_table(sel, cols)
+    by = {r["run"]: r for r in sel}
+    if "onebit-default" in by:
+        pairs = [(o, d, _interval(by["onebit-default"], by[o], d)) for o in ("bitnet", "w2_rtn") if o in by
+                 for d in ("c4", "wikitext2")]
+        out += "\n\nDefault OneBit layer minus baseline, Δ NLL (nats/token) [paired 95 %; ≈ = inside]: " + "; ".join(
+            f"vs {o} on {d}: {t}" for o, d, t in pairs if t) + "\n"
+    return out
 
 
 def plot_curves(rows: list[dict], out: Path) -> None:
@@ -242,7 +274,7 @@ def main(argv=None) -> int:
                                quantization_config(method, m.bitnest_method[1], str(spec["path"])),
                                storage_dtype=storage, overwrite=True)
             emit({**common, "run": run, "method": method, "init": over.get("init", "none"),
-                  "hidden_loss": over["hidden_loss"], "post_ln": over.get("post_ln", method == "onebit"),
+                  "hidden_loss": over["hidden_loss"], "post_ln": getattr(m.bitnest_method[1], "post_ln", None),
                   "train_embeddings": over.get("train_embeddings", False),
                   "steps": tr.steps, "lr": args.lr, "batch": args.batch, "seq_len": seq_len,
                   "train_tokens": tr.tokens, "train_seconds": tr.seconds, "quantize_seconds": q_s,

@@ -381,7 +381,7 @@ def quantized_checkpoints(src: Path, tag: str) -> dict[str, Path]:
     out["onebit"] = CACHE / f"{tag}-onebit"
     if not out["onebit"].exists():
         m = load_model(src)
-        cfg = make_config("onebit")
+        cfg = make_config("onebit", post_ln=True)  # the layers below are built with it (the paper's layer)
         for name in select_linears(m.model, "all"):
             W = m.model.get_submodule(name).weight.detach().float()
             absw = W.abs()  # values do not matter for speed: sign + per-row/column mean magnitudes

@@ -241,7 +241,8 @@ class Survey:
             m = copy.deepcopy(fp)
             ids = self.c4_windows(steps * batch)  # one epoch of C4 training windows
             with Timer() as t:
-                quantize(m, "onebit", progress=False, calib=ids, steps=steps, batch=batch, seq_len=self.ctx)
+                quantize(m, "onebit", progress=False, calib=ids, steps=steps, batch=batch, seq_len=self.ctx,
+                         post_ln=True)  # the paper's layer, as in the published table
             return Made(m, t.seconds, note=f"short run: {steps} steps × {batch} × {self.ctx} C4 tokens, no checkpoint in runs/")
         return make
 

@@ -56,7 +56,8 @@ def rows_for(name: str, fp, tok, ctx: int, a) -> list[tuple[str, object]]:
         out.append((f"MatQuant QAT ({a.mq_steps} steps) int{r}", m))
     ob = copy.deepcopy(fp)
     # 256 teacher-generated sequences, seen several times (generating steps × batch of them dominates otherwise)
-    quantize(ob, "onebit", steps=a.onebit_steps, samples=min(256, a.onebit_steps * 8), progress=False)
+    quantize(ob, "onebit", steps=a.onebit_steps, samples=min(256, a.onebit_steps * 8), post_ln=True,
+             progress=False)  # the paper's layer, as in the published table
     out.append((f"OneBit ({a.onebit_steps} steps)", ob))
     return out
 

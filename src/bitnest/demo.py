@@ -101,7 +101,7 @@ def run_demo(args) -> int:
                          args, storage))
     elif args.onebit_steps:
         # the paper's layer (post-LayerNorm, NMF SVID), distilled from the FP model on the same C4 text
-        m = quantize(copy.deepcopy(fp), "onebit", steps=args.onebit_steps, batch=4, lr=1e-3, seq_len=args.ctx,
+        m = quantize(copy.deepcopy(fp), "onebit", steps=args.onebit_steps, batch=4, lr=1e-3, seq_len=args.ctx, post_ln=True,
                      calib=ids[: 4 * args.onebit_steps], progress=not args.no_progress)
         rows.append(_row(f"OneBit ({args.onebit_steps} steps)", m, tok, fp, args, storage))
         del m
