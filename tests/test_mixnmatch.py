@@ -170,3 +170,36 @@ def test_cli_slice_budget_writes_the_mix(tiny_llama_dir, tmp_path, capsys, share
         assert len(widths) > 1 and all(lc["stored_bits"] == lc["bits"] for lc in info["layers"].values())
     assert main(["slice", "--model", str(ck), "--strategy", "pyramid", "--out", str(tmp_path / "x")]) == 2
     assert "--budget" in capsys.readouterr().err
+
+
+def test_evolutionary_search_finds_the_best_mix_by_kl():
+    """The same skewed 4-block model: for two budgets the evolutionary search meets the budget, its KL never rises
+    over the generations, and it finds the mix of lowest KL to the widest slice among all 3^4 that fit; per-layer
+    units meet the budget too; the same seed gives the same mix."""
+    import itertools
+    from bitnest.mixnmatch import _logprobs, evo_mix, kl_to
+    model, ids = trained_nested(layers=4)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.down_proj.scale.mul_(5.0 if i == 0 else 0.05)
+    names = ffn_names(model)
+    groups = layer_groups(names)
+    apply_mix(model, {n: 8 for n in names})
+    teacher = _logprobs(model, ids)
+    every = []
+    for w in itertools.product((8, 4, 2), repeat=4):
+        apply_mix(model, {n: w[i] for i, g in enumerate(groups) for n in g})
+        every.append((bits_report(model, only=names).bits_per_weight, kl_to(teacher, model, ids), w))
+    for budget in (3.5, 4.25):
+        best = min((e for e in every if e[0] <= budget), key=lambda e: e[1])
+        mix, path = evo_mix(model, ids, budget, levels=(8, 4, 2), generations=15, offspring=6, progress=False)
+        assert bits_report(model, only=names).bits_per_weight <= budget
+        kls = [p["kl"] for p in path]
+        assert kls == sorted(kls, reverse=True)
+        assert kls[-1] == pytest.approx(best[1], abs=1e-7), (budget, per_block(mix), best)
+    again, _ = evo_mix(model, ids, 4.25, levels=(8, 4, 2), generations=15, offspring=6, progress=False)
+    assert again == mix
+    mix, path = evo_mix(model, ids, 4.25, levels=(8, 4, 2), per_layer=True, generations=5, offspring=4, progress=False)
+    assert bits_report(model, only=names).bits_per_weight <= 4.25 and len(set(mix.values())) >= 2
+    with pytest.raises(BitnestError, match="cannot be met"):
+        evo_mix(model, ids, 2.0, levels=(8, 4, 2), progress=False)

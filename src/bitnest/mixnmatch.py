@@ -2,6 +2,7 @@
 
     mix = strategy_mix(model, "pyramid", budget=3.0)          # the paper's layer-wise strategies
     mix, path = search_mix(model, calib_ids, budget=3.0)      # greedy, measured: best quality under a budget
+    mix, path = evo_mix(model, calib_ids, budget=3.0, teacher=fp) # evolutionary (EvoPress), KL to the FP model
     apply_mix(model, mix)                                     # or load_quantized(dir, overrides=mix)
 
 A mix maps module names to r. Layers are the decoder blocks' FFNs by default (the paper's setting): all
@@ -249,10 +250,112 @@ def search_mix(model: nn.Module, ids: torch.Tensor, budget: float | None = None,
     return _mix_of(groups, widths()), path
 
 
+@torch.no_grad()
+def _logprobs(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """log p(· | prefix) for every position of the (N, T) ids: (N, T, V), float32."""
+    out = [torch.log_softmax(model(input_ids=ids[i:i + batch_size]).logits.float(), -1) for i in range(0, len(ids), batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def kl_to(teacher_lp: torch.Tensor, model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean over positions of KL(teacher ‖ model), teacher given as log-probs (N, T, V) of the same ids."""
+    total = 0.0
+    for i in range(0, len(ids), batch_size):
+        lq = torch.log_softmax(model(input_ids=ids[i:i + batch_size]).logits.float(), -1)  # (b, T, V)
+        lp = teacher_lp[i:i + batch_size]
+        total += (lp.exp() * (lp - lq)).sum(-1).sum().item()
+    return total / (ids.shape[0] * ids.shape[1])
+
+
+def evo_mix(model: nn.Module, ids: torch.Tensor, budget: float | None = None, *, max_bytes: int | None = None,
+            teacher: nn.Module | None = None, names: Sequence[str] | None = None, levels: Sequence[int] = SEARCH_LEVELS,
+            per_layer: bool = False, generations: int = 60, offspring: int = 12, survivors: int = 3,
+            first_stage: int = 1, seed: int = 0, init: dict[str, int] | None = None, batch_size: int = 8,
+            progress: bool = True) -> tuple[dict[str, int], list[dict]]:
+    """Evolutionary budget search (EvoPress, Sieberling et al. 2024; MatGPTQ's Mix'n'Match): fitness = KL from
+    the teacher (the FP model when given, else this model at its widest slice) on the calibration ids (N, T).
+
+    Each generation mutates the parent into `offspring` children by level switches (one unit one width up, another
+    one down, kept only if the budget still holds, 1–3 switches), ranks them on the first `first_stage` sequences,
+    re-scores the best `survivors` on all of them, and keeps the best child if it beats the parent. Units are
+    decoder blocks (all nested layers of a block share r) or single layers (`per_layer`). Starts from `init` or
+    the most bits that fit with one width everywhere plus greedy upgrades. Returns (mix, path: the parent's
+    KL per generation); the model is left serving the mix."""
+    _budget_check(budget, max_bytes)
+    mods = nested_modules(model, names)
+    groups = [[n] for n in mods] if per_layer else layer_groups(list(mods))
+    levels = sorted(set(int(b) for b in levels), reverse=True)
+    meter = _Meter(model, mods, groups, budget, max_bytes)
+    top = [[b for b in levels if b <= min(mods[n].bits for n in g)] for g in groups]
+    if any(not t for t in top):
+        raise BitnestError(f"levels {levels} exceed the stored bits of some layers")
+    if not meter.fits([t[-1] for t in top]):
+        raise BitnestError(f"the budget cannot be met: every layer at its lowest width ({levels[-1]} bits) is "
+                           f"{meter.bpw([t[-1] for t in top]):.3f} bits per weight")
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: int(torch.randint(0, n, (1,), generator=g))
+    if init is not None:
+        idx = [top[i].index(init[grp[0]]) for i, grp in enumerate(groups)]
+    else:
+        idx = next([min(len(t) - 1, j) for t in top] for j in range(len(levels))
+                   if meter.fits([t[min(len(t) - 1, j)] for t in top]))
+        for gi in torch.randperm(len(groups), generator=g).tolist():  # spend the slack
+            while idx[gi] > 0 and meter.fits([t[i - (k == gi)] for k, (t, i) in enumerate(zip(top, idx))]):
+                idx[gi] -= 1
+    widths = lambda ix: [t[i] for t, i in zip(top, ix)]
+    if not meter.fits(widths(idx)):
+        raise BitnestError("the initial mix does not fit the budget")
+    if teacher is not None:
+        teacher_lp = _logprobs(teacher, ids, batch_size)
+    else:
+        apply_mix(model, _mix_of(groups, [t[0] for t in top]))
+        teacher_lp = _logprobs(model, ids, batch_size)
+
+    def fitness(ix, n=None) -> float:
+        apply_mix(model, _mix_of(groups, widths(ix)))
+        k = len(ids) if n is None else n
+        return kl_to(teacher_lp[:k], model, ids[:k], batch_size)
+
+    def mutate(ix):
+        child = list(ix)
+        for _ in range(1 + rand(3)):
+            for _try in range(20):
+                up, down = rand(len(groups)), rand(len(groups))
+                if up == down or child[up] == 0 or child[down] == len(top[down]) - 1:
+                    continue
+                cand = list(child)
+                cand[up] -= 1
+                cand[down] += 1
+                if meter.fits(widths(cand)):
+                    child = cand
+                    break
+        return child
+
+    best = fitness(idx)
+    path = [{"generation": 0, "kl": best, "bits": meter.bpw(widths(idx))}]
+    bar = tqdm(range(generations), desc="evolutionary mix search", disable=not progress, dynamic_ncols=True)
+    for gen in bar:
+        kids = [mutate(idx) for _ in range(offspring)]
+        kids = [k for k in {tuple(k): k for k in kids if k != idx}.values()]
+        if not kids:
+            continue
+        ranked = sorted(kids, key=lambda k: fitness(k, first_stage))[:survivors]
+        scored = [(fitness(k), k) for k in ranked]
+        f, k = min(scored, key=lambda t: t[0])
+        if f < best:
+            best, idx = f, k
+        path.append({"generation": gen + 1, "kl": best, "bits": meter.bpw(widths(idx))})
+        bar.set_postfix(kl=f"{best:.4f}", bits=f"{path[-1]['bits']:.3f}", refresh=False)
+    mix = _mix_of(groups, widths(idx))
+    apply_mix(model, mix)
+    return mix, path
+
+
 def choose_mix(loaded, budget: float, *, strategy: str | None = None, levels: str | Sequence[int] = SEARCH_LEVELS,
                calib_samples: int = 8, calib_len: int = 256, data_dir=None, progress: bool = True) -> dict[str, int]:
     """`bitnest slice --budget B [--strategy S]`: the mix for a loaded nested checkpoint (applied in place).
-    The search measures quality on `calib_samples` C4 training sequences (or model-generated ones when the
+    S = a layer-wise strategy, or "evo" (evolutionary search, KL to the widest slice); none: the greedy search. It measures quality on `calib_samples` C4 training sequences (or model-generated ones when the
     checkpoint has no tokenizer)."""
     from .calib.data import CalibOptions, calibration_tokens
 
@@ -261,7 +364,7 @@ def choose_mix(loaded, budget: float, *, strategy: str | None = None, levels: st
         raise BitnestError(f"{loaded.source} is not a Matryoshka checkpoint (method sliced or matquant); "
                            "Mix'n'Match serves the layers of one nested model at different widths")
     model = loaded.model
-    if strategy:
+    if strategy and strategy != "evo":
         mix = strategy_mix(model, strategy, budget)
     else:
         if isinstance(levels, str):
@@ -272,7 +375,8 @@ def choose_mix(loaded, budget: float, *, strategy: str | None = None, levels: st
         opts = CalibOptions(calib_data="c4" if loaded.tokenizer is not None else "generate", n_calib=calib_samples,
                             calib_len=calib_len)
         ids = calibration_tokens(model, opts, tokenizer=loaded.tokenizer, data_dir=data_dir)  # (n, T)
-        mix, _ = search_mix(model, ids, budget, levels=levels, progress=progress)
+        search = evo_mix if strategy == "evo" else search_mix
+        mix, _ = search(model, ids, budget, levels=levels, progress=progress)
     apply_mix(model, mix)
     return mix
 
@@ -282,5 +386,5 @@ def mix_summary(mix: dict[str, int]) -> str:
     return " ".join(str(g_r) for g_r in [mix[g[0]] for g in layer_groups(list(mix))])
 
 
-__all__ = ["STRATEGIES", "apply_mix", "choose_mix", "current_mix", "layer_groups", "mean_nll", "mix_summary", "nested_modules",
+__all__ = ["STRATEGIES", "apply_mix", "choose_mix", "current_mix", "evo_mix", "kl_to", "layer_groups", "mean_nll", "mix_summary", "nested_modules",
            "priority", "search_mix", "strategy_bits", "strategy_mix"]
