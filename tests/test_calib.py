@@ -114,6 +114,24 @@ def test_text_windows_and_generation(tiny):
         text_windows(Tok(), ["ab"], n=3, seq=40)
     g = calibration_tokens(tiny, CalibOptions(calib_data="generate", n_calib=3, calib_len=8))
     assert g.shape == (3, 8) and int(g.max()) < 128
+    assert CalibOptions(calib_data="self").calib_data == "generate"  # the issue's name for it
+    assert torch.equal(g, calibration_tokens(tiny, CalibOptions(calib_data="self", n_calib=3, calib_len=8)))
+
+
+def test_calibration_from_any_text_or_jsonl(tmp_path, ref10m_path):
+    """A .txt file and a .jsonl file ("text" fields) calibrate; a file that is neither is a one-line error."""
+    import json
+    from bitnest.errors import BitnestError
+    from bitnest.models.hf import load_model
+    loaded = load_model(ref10m_path)
+    doc = "The committee met on Tuesday to discuss the budget for the coming year. " * 40
+    (tmp_path / "t.txt").write_text(doc, encoding="utf-8")
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": doc}) for _ in range(2)), encoding="utf-8")
+    for f in ("t.txt", "t.jsonl"):
+        t = calibration_tokens(loaded.model, CalibOptions(calib_data=str(tmp_path / f), n_calib=2, calib_len=64))
+        assert t.shape == (2, 64) and int(t.max()) < 8192
+    with pytest.raises(BitnestError, match="not auto, c4, self"):
+        calibration_tokens(loaded.model, CalibOptions(calib_data=str(tmp_path / "missing.txt"), n_calib=2))
 
 
 def test_allocate_bits_meets_budget_and_narrows_the_least_sensitive():

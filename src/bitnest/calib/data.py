@@ -5,7 +5,8 @@ Sources (`calib_data`):
               held-out evaluation text and are never used here), documents in a seeded random order,
               joined by "\\n\\n", tokenized once, cut into non-overlapping windows.
   "generate"  sequences sampled from the model itself, LLM-QAT style (`train.data.self_generate`: first
-              token uniform over the vocabulary, the next 3–5 greedy, the rest sampled).
+  ("self")    token uniform over the vocabulary, the next 3–5 greedy, the rest sampled): no corpus needed, and
+              the calibration follows the model's own distribution, not one dataset's domain (OneBit's choice).
   a path      a .txt / .jsonl file (jsonl: the "text" fields joined by "\\n\\n").
   "auto"      "c4" when the model's tokenizer can be found next to its weights, else "generate".
 """
@@ -24,12 +25,14 @@ C4_TRAIN = range(0, 1800)  # never the held-out rows 1800–1999 (eval.data.C4_H
 @dataclass(frozen=True)
 class CalibOptions:
     """Config fields shared by every method that needs calibration data (mixed into their configs)."""
-    calib_data: str = "auto"  # "auto" | "c4" | "generate" | path to .txt/.jsonl
+    calib_data: str = "auto"  # "auto" | "c4" | "generate" (= "self") | path to .txt/.jsonl
     n_calib: int = 128  # sequences
     calib_len: int = 256  # tokens per sequence (ref-10m was trained at 256; use 2048 for real LLMs)
     seed: int = 0
 
     def __post_init__(self):
+        if self.calib_data == "self":
+            object.__setattr__(self, "calib_data", "generate")
         if self.n_calib < 1 or self.calib_len < 2:
             raise BitnestError(f"need n_calib >= 1 and calib_len >= 2, got {self.n_calib}, {self.calib_len}")
         if hasattr(super(), "__post_init__"):  # mixed before QuantConfig: chain to its validation
@@ -103,7 +106,7 @@ def calibration_tokens(model, opts: CalibOptions, tokenizer=None, data_dir=None)
     elif Path(src).is_file():
         docs = _file_docs(Path(src))
     else:
-        raise BitnestError(f"calib_data {src!r} is not auto, c4, generate or an existing .txt/.jsonl file")
+        raise BitnestError(f"calib_data {src!r} is not auto, c4, self (generate) or an existing .txt/.jsonl file")
     return text_windows(tok, docs, opts.n_calib, opts.calib_len, opts.seed)
 
 
