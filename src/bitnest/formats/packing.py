@@ -35,6 +35,25 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.clone()
     *lead, n = codes.shape
+    if codes.numel() == 0:
+        return _pack_rows(codes, bits)
+    rows = codes.reshape(-1, n)
+    step = max(1, (1 << 22) // max(n, 1))  # rows per slab: the bit stream below is 4·b bytes per code
+    if rows.shape[0] > step:  # rows are independent: pack them in slabs, so memory stays at a few MB of codes
+        return torch.cat([_pack_rows(r, bits) for r in rows.split(step)]).reshape(*lead, packed_len(n, bits))
+    return _pack_rows(rows, bits).reshape(*lead, packed_len(n, bits))
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, n) uint8 codes -> (rows, ceil(n·bits/8)) uint8."""
+    *lead, n = codes.shape
+    if 8 % bits == 0 and n % (8 // bits) == 0:  # 1, 2, 4 bits, whole bytes: shift-and-OR, same layout
+        k = 8 // bits
+        c = codes.reshape(*lead, n // k, k)  # (rows, bytes, k): code j of a byte sits at bits [j·b, (j+1)·b)
+        out = c[..., 0].clone()
+        for j in range(1, k):
+            out |= c[..., j] << (j * bits)
+        return out
     shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
     stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(*lead, n * bits)  # (..., n·b) bits
     pad = packed_len(n, bits) * 8 - n * bits
