@@ -1,0 +1,171 @@
+"""Data-free ℓp fitting of an affine grid: α and z that minimise Σ |w − α(q − z)|^p (p < 1), no calibration data.
+
+Half-quadratic splitting (the idea of HQQ, Badri & Shaji 2023): introduce the sparse error e and alternate
+  q ← clamp(round(w/α + z), 0, 2^b − 1)                         codes for the current grid
+  e ← shrink_p(w − α(q − z); β)                                  the ℓp proximal step (large residuals go to e)
+  α, z ← argmin Σ (w − e − α(q − z))²                            closed-form least squares on the shrunk target
+  β ← κ β
+HQQ updates only z (its scale stays MinMax). Here both α and z move (a two-parameter regression per group), β is
+measured in units of each group's step α (the same schedule works at every weight scale), every group starts
+from the best of a few clip ratios of its MinMax range, and every group keeps the candidate with the lowest
+ℓp error on the *stored* grid (α, z rounded to float16, codes recomputed) among those whose ℓ2 error is no
+larger than MinMax's (`l2_guard`: p < 1 alone happily clips a few large weights, which costs perplexity), so
+the result is never worse than RTN in either norm. Symmetric grids fit α alone (z = 2^(b−1) is implicit);
+`int_zero` rounds z to a code after each step.
+
+Slice-aware (`fit_lp(..., widths=...)`): a c-bit parent (int8) served at r bits by MatQuant slicing S(q, r)
+(grids/nested.py). The objective is Σ_r λ_r Σ |w − α(S(q, r) − z)|^p / E_r over the target widths, E_r the
+error of the plain MinMax parent's slice (so int8's small error is not drowned by int2's); the least-squares
+step stacks every width's shrunk target against its sliced codes, so one α, z per group serves every width.
+Every tensor here is grouped: (R, G, g) weights, (R, G) α and z (see affine.grouped).
+"""
+from __future__ import annotations
+
+import torch
+
+from .affine import STORE_DTYPE, AffineSpec, fit, grouped
+from .nested import S
+
+DEFAULT_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Proximal operator of |·|^p / β (HQQ's generalized soft threshold): sign(x)·max(|x| − |x|^(p−1)/β, 0)."""
+    a = x.abs()
+    return torch.sign(x) * (a - a.clamp_min(1e-12).pow(p - 1) / beta).clamp_min(0)
+
+
+def lp_error(W: torch.Tensor, What: torch.Tensor, p: float) -> torch.Tensor:
+    """Σ |W − Ŵ|^p over the last dimension (per group)."""
+    return (W - What).abs().pow(p).sum(-1)
+
+
+def _zero_of(spec: AffineSpec, z: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(like, float(1 << (spec.bits - 1))) if z is None else z
+
+
+def _stored(spec: AffineSpec, a: torch.Tensor, z: torch.Tensor | None):
+    """α, z as they will be stored (float16; z an integer code with int_zero), back in float32."""
+    a = a.clamp_min(1e-8).to(STORE_DTYPE).float()
+    if z is None:
+        return a, None
+    if spec.int_zero:
+        z = torch.round(z).clamp(0, spec.qmax)
+    return a, z.to(STORE_DTYPE).float()
+
+
+def _codes(Wg, a, zz, qmax):
+    return torch.round(Wg / a.unsqueeze(-1) + zz.unsqueeze(-1)).clamp(0, qmax)
+
+
+def _candidates(Wg: torch.Tensor, spec: AffineSpec, clips):
+    """Per clip ratio, the MinMax grid of every group shrunk by it: (α, z) in float32, (R, G) each."""
+    flat = Wg.reshape(-1, Wg.shape[-1])  # (R·G, g): one "channel" per group
+    one = AffineSpec(spec.bits, None, spec.symmetric, spec.int_zero)
+    for c in clips:
+        gam = torch.full((flat.shape[0], 1), float(c))
+        a, z = fit(flat, one, gam, gam)
+        yield a.float().reshape(Wg.shape[:2]), None if z is None else z.float().reshape(Wg.shape[:2])
+
+
+def _recon(Wg, spec, a, z, widths=None):
+    """Codes and dequantized weights on the grid (a, z): ([q], [Ŵ]) or, nested, one of each per served width."""
+    zz = _zero_of(spec, z, a)
+    q = _codes(Wg, a, zz, spec.qmax)
+    if widths is None:
+        return [q], [a.unsqueeze(-1) * (q - zz.unsqueeze(-1))]
+    qs = [S(q.to(torch.uint8), spec.bits, r).float() for r in widths]
+    return qs, [a.unsqueeze(-1) * (qr - zz.unsqueeze(-1)) for qr in qs]
+
+
+def _errors(Wg, spec, a, z, p, widths, lam_p, lam_2):
+    """(Σ_r λ_r ℓp error, Σ_r λ'_r ℓ2 error) per group (R, G), on the stored grid."""
+    a, z = _stored(spec, a, z)
+    _, Ws = _recon(Wg, spec, a, z, widths)
+    return (sum(lam * lp_error(Wg, Wr, p) for lam, Wr in zip(lam_p, Ws)),
+            sum(lam * lp_error(Wg, Wr, 2.0) for lam, Wr in zip(lam_2, Ws)))
+
+
+def _ls_update(targets, codes, weights, spec, a_old, z_old):
+    """argmin over (α, z) of Σ_k w_k Σ (t_k − α(q_k − z))², per group; symmetric: α only (z fixed)."""
+    if z_old is None:
+        zz = float(1 << (spec.bits - 1))
+        num = sum(w * ((q - zz) * t).sum(-1) for t, q, w in zip(targets, codes, weights))
+        den = sum(w * ((q - zz) ** 2).sum(-1) for q, w in zip(codes, weights))
+        ok = den > 0
+        return torch.where(ok, num / den.clamp_min(1e-12), a_old).clamp_min(1e-8), None
+    n = sum(w * t.shape[-1] for t, w in zip(targets, weights))
+    mq = sum(w * q.sum(-1) for q, w in zip(codes, weights)) / n
+    mt = sum(w * t.sum(-1) for t, w in zip(targets, weights)) / n
+    cov = sum(w * ((q - mq.unsqueeze(-1)) * (t - mt.unsqueeze(-1))).sum(-1) for t, q, w in zip(targets, codes, weights))
+    var = sum(w * ((q - mq.unsqueeze(-1)) ** 2).sum(-1) for q, w in zip(codes, weights))
+    a = cov / var.clamp_min(1e-12)
+    ok = (var > 1e-9) & (a > 1e-8)
+    a = torch.where(ok, a, a_old)
+    z = torch.where(ok, mq - mt / a, mq - mt / a_old)  # ŵ = α q − α z ⇒ mean(t) = α mean(q) − α z
+    if spec.int_zero:
+        z = torch.round(z).clamp(0, spec.qmax)
+    return a, z
+
+
+@torch.no_grad()
+def fit_lp(W: torch.Tensor, spec: AffineSpec, *, p: float = 0.7, beta: float = 1.0, kappa: float = 1.05,
+           iters: int = 30, update_scale: bool = True, clips=DEFAULT_CLIPS, l2_guard: bool = True,
+           widths=None, lambdas=None, normalize: bool = False):
+    """α, z (R, G) in STORE_DTYPE (z None when symmetric) minimising the ℓp error of W (out, in) on `spec`.
+
+    Every group starts from MinMax and accepts a candidate (a clip ratio, then each iterate) only when it lowers
+    the ℓp error and, with `l2_guard`, keeps the ℓ2 error at or below MinMax's: the fit never trades the mean
+    squared error (the output error for isotropic inputs) for a sparser error.
+    `widths`/`lambdas`: slice-aware fit of a c-bit parent (spec.bits = c) served at each r in `widths`; the
+    objective is Σ_r λ_r (default 1) times width r's sliced error — with `normalize`, divided by that width's
+    error on the plain MinMax parent (then int8's tiny error weighs as much as int2's and the fit barely moves
+    from MinMax; without it the low widths dominate and the int8 slice gives up some of its outliers)."""
+    Wg = grouped(W.float(), spec.group_size)  # (R, G, g)
+    a0, z0 = fit(W, spec)
+    a0, z0 = a0.float(), None if z0 is None else z0.float()
+    if widths is None:
+        lam_p = lam_2 = (1.0,)
+    else:
+        widths = tuple(int(r) for r in widths)
+        lam = tuple(float(x) for x in (lambdas or [1.0] * len(widths)))
+        lam_p = lam_2 = lam
+    if widths is not None and normalize:  # each width by its error on the plain MinMax parent
+        e_p = [float(_errors(Wg, spec, a0, z0, p, (r,), (1.0,), (1.0,))[0].sum()) for r in widths]
+        e_2 = [float(_errors(Wg, spec, a0, z0, p, (r,), (1.0,), (1.0,))[1].sum()) for r in widths]
+        lam_p = tuple(l / max(e, 1e-30) for l, e in zip(lam, e_p))
+        lam_2 = tuple(l / max(e, 1e-30) for l, e in zip(lam, e_2))
+    best_p, l2_cap = _errors(Wg, spec, a0, z0, p, widths, lam_p, lam_2)
+    l2_cap = l2_cap * (1 + 1e-6) if l2_guard else torch.full_like(l2_cap, float("inf"))
+    best_a, best_z = a0.clone(), None if z0 is None else z0.clone()
+
+    def consider(a, z):
+        nonlocal best_p, best_a, best_z
+        ep, e2 = _errors(Wg, spec, a, z, p, widths, lam_p, lam_2)
+        better = (ep < best_p) & (e2 <= l2_cap)
+        best_p = torch.where(better, ep, best_p)
+        best_a = torch.where(better, a, best_a)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+
+    for a, z in _candidates(Wg, spec, clips):
+        consider(a, z)
+    a, z = best_a.clone(), None if best_z is None else best_z.clone()
+    lam = lam_p
+    b = beta
+    for _ in range(iters):
+        sa, sz = _stored(spec, a, z)
+        qs, Ws = _recon(Wg, spec, sa, sz, widths)
+        u = sa.unsqueeze(-1)  # residuals measured in steps of the grid: β means the same at every weight scale
+        targets = [Wg - u * shrink_lp((Wg - Wr) / u, b, p) for Wr in Ws]
+        if update_scale:
+            a, z = _ls_update(targets, qs, lam, spec, a, z)
+        elif z is not None:  # HQQ's step: the zero only, α fixed
+            n = sum(lam) * Wg.shape[-1]
+            z = sum(l * (q - t / a.unsqueeze(-1)).sum(-1) for t, q, l in zip(targets, qs, lam)) / n
+            if spec.int_zero:
+                z = torch.round(z).clamp(0, spec.qmax)
+        consider(a, z)
+        b *= kappa
+    a, z = _stored(spec, best_a, best_z)
+    return a.to(STORE_DTYPE), None if z is None else z.to(STORE_DTYPE)
