@@ -46,6 +46,14 @@ def cmd_quantize(args) -> int:
                 raise BitnestError(f"--{flag} is a matquant option (got --method {args.method})")
             opts[flag] = getattr(args, flag)
     config = make_config(args.method, **{**opts, **parse_options(args.method, args.option)})
+    if getattr(args, "stream", False):  # larger than RAM: never build the model (bitnest.streaming)
+        from .streaming import quantize_streaming
+        quantize_streaming(args.model or _default(args), out, args.method, config, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+        size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+        print(f"wrote {out}: {args.method} {config.bits}-bit {_granularity(config.group_size)}, streamed, "
+              f"{size / 2**20:.2f} MiB")
+        return 0
     loaded = _load(args)
     if loaded.quantization_config is not None:
         raise BitnestError(f"{loaded.source} is already quantized; quantize the full-precision model")
