@@ -98,7 +98,9 @@ def _meta_model(src: Path):
     try:
         config = AutoConfig.from_pretrained(str(src))
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.tie_weights()  # on the meta device tying is not done by from_config; tied tensors are stored once
+        return model
     except Exception as e:  # noqa: BLE001 — transformers raises anything on a bad config
         raise BitnestError(f"could not build the model described by {src}/config.json: {str(e).splitlines()[0]}") from None
 
