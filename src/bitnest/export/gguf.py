@@ -485,8 +485,9 @@ def write_gguf(loaded, layers: list[Layer], out: Path, *, approximate: bool = Fa
     out = Path(out)
     if out.suffix != ".gguf":
         out = out / "model.gguf" if out.is_dir() or not out.suffix else out.with_suffix(".gguf")
-    if out.exists() and not overwrite:
-        raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+    from ..formats.checkpoint import check_output, clean_stale
+    check_output(out, overwrite, file=True)  # before the encoding: exists / is a directory / not writable
+    clean_stale(out)  # a temporary file a killed export left
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     tensors: list[tuple[str, np.ndarray, object]] = []  # (gguf name, data, raw type or None)

@@ -54,14 +54,17 @@ def _keep_dtype(model: torch.nn.Module) -> set[str]:
     return {f"{n}.{b}" for n, m in _packed_modules(model).items() for b in getattr(m, "keep_dtype", ("scale", "zero"))}
 
 
-def _module_class(lc: dict):
+def _module_class(lc: dict, where: str = "this checkpoint"):
     from ..nn.qlinear import QuantLinear
 
+    if not isinstance(lc, dict):
+        raise BitnestError(f"{where} is not an object of layer settings")
     kind = lc.get("kind")
     if kind is None:
         return QuantLinear
-    if kind not in MODULE_KINDS:
-        raise BitnestError(f"this checkpoint has {kind!r} layers, which this bitnest cannot load; upgrade bitnest")
+    if not isinstance(kind, str) or kind not in MODULE_KINDS:
+        raise BitnestError(f"{where} has layers of kind {kind!r}, which this bitnest cannot load "
+                           f"(it knows {', '.join(MODULE_KINDS)}); upgrade bitnest")
     import importlib
 
     mod, cls = MODULE_KINDS[kind]
@@ -83,24 +86,115 @@ def _unique_state(model: torch.nn.Module, storage_dtype: torch.dtype) -> dict[st
     return out
 
 
+# What a checkpoint writer (bitnest, transformers, the export formats) puts in its directory. `--overwrite`
+# replaces a directory that holds only these (a checkpoint bitnest could have written) or nothing; anything else
+# there — the user's notes, results, subdirectories — makes it refuse, so no unrelated file is ever deleted.
+OWNED_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "training_history.json",
+               "quantize_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tokenizer.bin",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+               "chat_template.json")
+
+
+def _owned(f: Path) -> bool:
+    return f.is_file() and not f.is_symlink() and (f.name in OWNED_FILES or f.suffix == ".safetensors")
+
+
+def check_output(out: str | os.PathLike, overwrite: bool = False, *, file: bool = False) -> Path:
+    """Before any work: `out` can be written. It must not exist unless `overwrite`; an existing directory is
+    replaced only when it holds nothing but checkpoint files (OWNED_FILES, *.safetensors); the nearest existing
+    ancestor must be a directory this process can create entries in (probed with a temporary directory, so a
+    read-only file system or a missing permission is found now, not after quantizing or training)."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+        if out.is_dir():
+            if file:
+                raise BitnestError(f"output {out} is a directory; --overwrite replaces a file, not a directory")
+            foreign = sorted(f.name for f in out.iterdir() if not _owned(f))
+            if foreign:
+                raise BitnestError(f"--overwrite would delete {out}/{foreign[0]}"
+                                   + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+                                   + ", which is not a checkpoint file; bitnest replaces only a directory holding a "
+                                   "checkpoint (move those files, or choose another --out)")
+    return check_writable(out)
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """`out` can be created (or replaced): its nearest existing ancestor is a directory this process can create
+    entries in — probed with a temporary directory, so a read-only file system or a missing permission shows now."""
+    out = Path(out)
+    anc = out.absolute().parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise BitnestError(f"cannot write {out}: {anc} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=anc))
+    except OSError as e:
+        raise BitnestError(f"cannot write {out}: {anc} is not writable ({e.strerror or e})") from None
+    return out
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def clean_stale(out: str | os.PathLike) -> list[Path]:
+    """Remove what a writer of `out` killed mid-write left beside it — `.NAME.tmp-PID[-…]` (temporary directory
+    or file) and `.NAME.old-PID` (the replaced output) — when process PID no longer exists. Returns them."""
+    import re
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pat = re.compile(re.escape(f".{out.name}.") + r"(?:tmp|old)-(\d+)(?:-.*)?", re.S)
+    gone = []
+    for p in out.parent.iterdir():
+        m = pat.fullmatch(p.name)
+        if m and not _alive(int(m.group(1))):
+            _remove(p)
+            gone.append(p)
+    return gone
+
+
 def atomic_dir(out: Path, overwrite: bool):
-    """Context manager yielding a temp dir that replaces `out` on success and vanishes on failure."""
+    """Context manager yielding a temp dir that replaces `out` on success and vanishes on failure.
+
+    The temporary directory is `.NAME.tmp-PID-…` beside `out`: a run killed with SIGKILL leaves it, and the next
+    write to the same `out` removes it (its PID is gone: `clean_stale`). `overwrite` replaces only a directory
+    that holds a checkpoint (`check_output`), or a file."""
     import contextlib
 
     @contextlib.contextmanager
     def cm():
-        if out.exists() and not overwrite:
-            raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+        check_output(out, overwrite)
+        clean_stale(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         try:
             yield tmp
             _publishable(tmp)
-            if out.exists():
+            if out.exists() or out.is_symlink():
                 old = out.with_name(f".{out.name}.old-{os.getpid()}")
                 os.replace(out, old)
                 os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
             else:
                 os.replace(tmp, out)
         except BaseException:
@@ -220,6 +314,11 @@ def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: 
     loaded model holds the file's bytes once (plus a cast of the unquantized ones when `dtype` differs), in its
     own memory; `mmap=True` maps the files instead (instant, shared page cache; the weights are then paged in
     from disk on first use and whenever the kernel evicted them).
+
+    Hostile or damaged files end in one-line BitnestErrors: every `modules` entry is checked for sane fields
+    (widths 1..8, serve ≤ bits ≤ parent_bits, a group size that divides the inputs, the Linear it replaces),
+    and every stored tensor against the shell its entry builds (name, shape, dtype) before anything is loaded —
+    metadata comparisons only, no pass over the data.
     """
     import fnmatch
 
@@ -227,40 +326,48 @@ def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models.blocks import replace_module
-    from ..models.hf import Loaded, _load_tokenizer, read_config
-    from ..nn.qlinear import QuantLinear
+    from ..models.hf import Loaded, _load_tokenizer, check_config_types, check_layer_count, read_config
 
     path = Path(path)
     cfg = read_config(path)
     qc = cfg["quantization_config"]
+    _check_quantization_config(path, qc)
     if qc.get("format_version", 0) > FORMAT_VERSION:
         raise BitnestError(f"{path} was written by a newer bitnest (format {qc['format_version']} > {FORMAT_VERSION}); upgrade bitnest")
     if (bits is not None or overrides) and not qc.get("nested"):
-        raise BitnestError(f"{path} stores {qc['config'].get('bits')}-bit {qc['method']} codes; --bits only re-slices "
-                           "Matryoshka checkpoints (method sliced/matquant)")
+        raise BitnestError(f"{path} stores {(qc.get('config') or {}).get('bits')}-bit {qc.get('method')} codes; --bits only "
+                           "re-slices Matryoshka checkpoints (method sliced/matquant)")
     state = _read_state(path, mmap)
+    check_config_types(cfg, path)
+    check_layer_count(cfg, state, path)
     try:
         config = AutoConfig.from_pretrained(str(path))
         with init_empty_weights(include_buffers=False):  # params on meta: no random init, no double memory
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as e:
         raise BitnestError(f"could not build the model described by {path}/config.json: {str(e).splitlines()[0]}") from None
+    entries = {}
     for name, lc in qc["modules"].items():
+        where = f"{path}: layer {name} in quantization_config"
+        cls = _module_class(lc, where)
         lc = dict(lc)
+        _check_entry(where, name, lc, model)
         r = next((b for pat, b in (overrides or {}).items() if fnmatch.fnmatchcase(name, pat)), bits)
-        if lc.get("kind") is not None:  # a non-QuantLinear packed module (e.g. OneBit): rebuilt as stored
-            cls = _module_class(lc)
-            if r is not None and getattr(cls, "nested", False):  # a nested kind (Extra Precision MatQuant)
-                if not 1 <= r <= lc["bits"]:
-                    raise BitnestError(f"cannot serve {name} at {r} bits: it stores {lc['bits']}-bit codes (choose 1..{lc['bits']})")
-                lc["serve_bits"] = r
-            replace_module(model, name, cls.from_layer_config(lc, device="meta"))
-            continue
-        if r is not None:
+        if r is not None and (lc.get("kind") is None or getattr(cls, "nested", False)):  # a nested kind: Extra Precision
             if not 1 <= r <= lc["bits"]:
                 raise BitnestError(f"cannot serve {name} at {r} bits: it stores {lc['bits']}-bit codes (choose 1..{lc['bits']})")
             lc["serve_bits"] = r
-        replace_module(model, name, QuantLinear.from_layer_config(lc, device="meta"))
+        try:
+            shell = cls.from_layer_config(lc, device="meta")
+        except BitnestError as e:
+            raise BitnestError(f"{where}: {e}") from None
+        except KeyError as e:
+            raise BitnestError(f"{where} lacks the field {e}") from None
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise BitnestError(f"{where} is malformed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        replace_module(model, name, shell)
+        entries[name] = lc
+    _check_tensors(path, model, state, entries)
     keep = _keep_dtype(model)
     for k in list(state):  # one tensor at a time, so at most one extra copy exists while casting
         v = state[k]
@@ -273,9 +380,132 @@ def load_quantized(path: str | os.PathLike, bits: int | None = None, overrides: 
     if missing or unexpected:
         raise BitnestError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     _materialize_meta(model, dtype)
+    for name, m in _packed_modules(model).items():  # a kind's own invariants on small vectors (IntLinear's M0, k)
+        if hasattr(m, "check_loaded") and (why := m.check_loaded()):
+            raise BitnestError(f"{path}: layer {name} holds {why}; the checkpoint is damaged")
     model.eval()
     storage = getattr(torch, qc.get("storage_dtype", "float16"))
     return Loaded(model, _load_tokenizer(str(path)), str(path), storage, qc)
+
+
+def layer_summary(qc: dict) -> dict:
+    """What the per-layer entries hold — the truth the loader builds from — as {served, stored, group_size,
+    symmetric, kinds}: each a sorted list of the distinct values over the layers."""
+    mods = [lc for lc in (qc.get("modules") or {}).values() if isinstance(lc, dict)]
+
+    def vals(key, default=None):
+        return sorted({lc.get(key, default) for lc in mods if key in lc or default is not None}, key=repr)
+
+    return {"served": vals("serve_bits") or vals("bits"), "stored": vals("bits"), "group_size": vals("group_size"),
+            "symmetric": vals("symmetric"), "kinds": vals("kind", "affine")}
+
+
+def recipe_mismatch(qc: dict) -> list[str]:
+    """Where the recorded recipe (`config`: what the method was asked for) disagrees with every layer entry
+    (what the checkpoint holds and the loader uses): a hand-edited or corrupted config. A slice
+    (`sliced_from`) keeps its parent's recipe, so its bits are not compared."""
+    cfg, lay, out = qc.get("config") or {}, layer_summary(qc), []
+    if _is_int(cfg.get("bits")) and lay["stored"] and "sliced_from" not in qc \
+            and cfg["bits"] not in lay["served"] + lay["stored"] and not cfg.get("overrides"):
+        out.append(f"bits={cfg['bits']} (the layers serve {'/'.join(map(str, lay['served']))})")
+    if "group_size" in cfg and lay["group_size"] and set(lay["kinds"]) <= {"affine", "actquant", "matquant_ep"} \
+            and cfg["group_size"] not in lay["group_size"]:
+        out.append(f"group_size={cfg['group_size']} (the layers: {'/'.join(map(str, lay['group_size']))})")
+    if isinstance(cfg.get("symmetric"), bool) and lay["symmetric"] and cfg["symmetric"] not in lay["symmetric"]:
+        out.append(f"symmetric={cfg['symmetric']} (the layers: {'/'.join(map(str, lay['symmetric']))})")
+    return out
+
+
+STORAGE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_quantization_config(path: Path, qc) -> None:
+    """The top level of a bitnest quantization_config: the fields the loader reads have the right types."""
+    where = f"{path}/config.json: quantization_config"
+    if not isinstance(qc, dict):
+        raise BitnestError(f"{where} is not a JSON object")
+    if not _is_int(qc.get("format_version", 0)):
+        raise BitnestError(f"{where}: format_version must be an integer, got {qc.get('format_version')!r}")
+    if not isinstance(qc.get("config", {}), dict):
+        raise BitnestError(f"{where}: config must be an object, got {qc.get('config')!r}")
+    if not isinstance(qc.get("nested", False), bool):
+        raise BitnestError(f"{where}: nested must be true or false, got {qc.get('nested')!r}")
+    if qc.get("storage_dtype", "float16") not in STORAGE_DTYPES:
+        raise BitnestError(f"{where}: storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {qc.get('storage_dtype')!r}")
+    mods = qc.get("modules")
+    if not isinstance(mods, dict) or not mods:
+        raise BitnestError(f"{where} lists no quantized modules (\"modules\" must be a non-empty object)")
+
+
+def _check_entry(where: str, name: str, lc: dict, model: torch.nn.Module) -> None:
+    """One `modules` entry: sane field values, and the Linear it replaces has its shape (metadata only)."""
+    for k in ("in_features", "out_features"):
+        if not _is_int(lc.get(k)) or lc[k] < 1:
+            raise BitnestError(f"{where}: {k} must be a positive integer, got {lc.get(k)!r}")
+    for k in ("bits", "parent_bits", "serve_bits"):
+        if lc.get(k) is not None and (not _is_int(lc[k]) or not 1 <= lc[k] <= 8):
+            raise BitnestError(f"{where}: {k} must be an integer in 1..8, got {lc[k]!r}")
+    if "bits" in lc:
+        b = lc["bits"]
+        c, r = lc.get("parent_bits") or b, lc.get("serve_bits") or b
+        if b is None:
+            raise BitnestError(f"{where}: bits must be an integer in 1..8, got None")
+        if c < b:
+            raise BitnestError(f"{where}: parent_bits {c} is below the width of its stored codes ({b} bits); "
+                               "parent_bits must be ≥ bits")
+        if r > b:
+            raise BitnestError(f"{where}: serve_bits {r} is above the width of its stored codes ({b} bits)")
+        if r != b and c != b:
+            raise BitnestError(f"{where}: serve_bits {r} differs from bits {b}, but a stored {b}-bit slice of a {c}-bit "
+                               "grid (bits < parent_bits) serves only its own width")
+    g = lc.get("group_size")
+    if g is not None and (not _is_int(g) or (g != -1 and g < 1)):
+        raise BitnestError(f"{where}: group_size must be null (per channel), -1 (per tensor) or a positive integer, got {g!r}")
+    if _is_int(g) and g > 0 and lc["in_features"] % g:
+        raise BitnestError(f"{where}: group_size {g} does not divide its {lc['in_features']} input features")
+    for k in ("symmetric", "bias"):
+        if k in lc and not isinstance(lc[k], bool):
+            raise BitnestError(f"{where}: {k} must be true or false, got {lc[k]!r}")
+    try:
+        orig = model.get_submodule(name)
+    except AttributeError:
+        raise BitnestError(f"{where}: the model described by config.json has no module {name}") from None
+    if not isinstance(orig, torch.nn.Linear):
+        raise BitnestError(f"{where}: the model's {name} is a {type(orig).__name__}, not a Linear layer")
+    if (orig.in_features, orig.out_features) != (lc["in_features"], lc["out_features"]):
+        raise BitnestError(f"{where} says {lc['in_features']} inputs → {lc['out_features']} outputs, but the model's "
+                           f"{name} is {orig.in_features} → {orig.out_features} (config.json)")
+
+
+def _describe(lc: dict) -> str:
+    kind = lc.get("kind") or "affine"
+    g = lc.get("group_size")
+    gran = "per channel" if g is None else "per tensor" if g == -1 else f"group {g}"
+    return (f"its {lc['bits']}-bit {kind} entry ({gran}, {lc['in_features']} → {lc['out_features']})"
+            if "bits" in lc else f"its {kind} entry ({lc['in_features']} → {lc['out_features']})")
+
+
+def _check_tensors(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor], entries: dict[str, dict]) -> None:
+    """Every stored tensor against the shell its config builds: known name, exact shape, and dtype (packed codes
+    and integer tensors exactly; a float tensor may be any float dtype, it is cast as before)."""
+    expected = model.state_dict(keep_vars=True)  # meta tensors: shapes and dtypes only
+    for k, t in state.items():
+        e = expected.get(k)
+        owner = k.rpartition(".")[0]
+        if e is None:
+            what = f"{_describe(entries[owner])} has no tensor of that name" if owner in entries else \
+                "the model described by config.json has no tensor of that name"
+            raise BitnestError(f"{path}: tensor {k} does not belong in this checkpoint: {what}")
+        ok_dtype = t.is_floating_point() if e.is_floating_point() else t.dtype == e.dtype
+        if tuple(t.shape) != tuple(e.shape) or not ok_dtype:
+            want = "a float tensor" if e.is_floating_point() else str(e.dtype).replace("torch.", "")
+            by = _describe(entries[owner]) if owner in entries else "config.json"
+            raise BitnestError(f"{path}: tensor {k} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, but "
+                               f"{by} needs {want} of shape {list(e.shape)}")
 
 
 def _materialize_meta(model: torch.nn.Module, dtype: torch.dtype) -> None:

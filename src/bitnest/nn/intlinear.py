@@ -52,6 +52,18 @@ class IntLinear(nn.Module):
         m.y_scale.copy_(y_scale)
         return m
 
+    def check_loaded(self) -> str | None:
+        """After loading a checkpoint: the requantization constants are ones `quantize_multiplier` makes
+        (2^(P−1) ≤ M0 < 2^P, 1 ≤ k ≤ 62, positive scales), else what is wrong. (out,) vectors: no cost."""
+        from ..kernels.integer import P
+        if self.k.numel() and not (1 <= int(self.k.min()) and int(self.k.max()) <= 62):
+            return f"shift k outside 1..62 (found {int(self.k.min())}..{int(self.k.max())})"
+        if self.M0.numel() and not (1 << (P - 1) <= int(self.M0.min()) and int(self.M0.max()) < 1 << P):
+            return f"multiplier M0 outside [2^{P - 1}, 2^{P})"
+        if not (bool((self.x_scale > 0).all()) and bool((self.y_scale > 0).all())):
+            return "a scale that is not positive"
+        return None
+
     @property
     def packed(self) -> kernels.Int8:
         return kernels.Int8(self.qweight, self.M0, self.k, self.bias_q, self.x_scale, self.y_scale)

@@ -45,6 +45,9 @@ def make_server(model_path: str, *, policy: str = "fixed", precision=None, ladde
     qc = loaded.quantization_config or {}
     if qc.get("method") in ("onebit", "bitnet"):
         own_label = qc["method"]
+    elif len(served := {lc.get("serve_bits", lc.get("bits")) for lc in (qc.get("modules") or {}).values()}) == 1 \
+            and None not in served:  # what the layers serve (the recorded recipe may disagree: bitnest info says so)
+        own_label = f"int{served.pop()}"
     elif qc.get("config", {}).get("bits"):
         own_label = f"int{qc['config']['bits']}"
     else:  # a full-precision model: its dtype
