@@ -90,7 +90,8 @@ def build(ckpts: list[str], out: str | os.PathLike, *, data: tuple[str, ...] = (
     if fp_src and Path(fp_src).exists():
         models.append(("FP", load_model(fp_src), None))
     models += [(Path(c).name, ld, c) for c, ld in zip(ckpts, loaded)]
-    ctx = ctx or min(256, getattr(loaded[0].model.config, "max_position_embeddings", 256))
+    if ctx is None:  # 0 is an error (eval.perplexity.check_ctx), not the default
+        ctx = min(256, getattr(loaded[0].model.config, "max_position_embeddings", 256))
     rows, maps, curves = [], {}, {}
     fp_speed = None
     for label, ld, path in models:

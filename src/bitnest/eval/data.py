@@ -40,10 +40,22 @@ def _wikitext2_gptq_text(raw: str) -> str:
     return "\n\n".join(rows)
 
 
+def read_utf8(path: Path, what: str = "text file", newline: str | None = "") -> str:
+    """The file as UTF-8 text (`newline` as open() takes it: "" leaves line endings untouched, None makes them
+    "\\n"), or a one-line error naming the file and its first byte that is not UTF-8."""
+    try:
+        with path.open(encoding="utf-8", newline=newline) as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise BitnestError(f"{path} is not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}, which UTF-8 cannot "
+                           f"start or continue with there); save the {what} as UTF-8") from None
+    except OSError as e:
+        raise BitnestError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _read_jsonl_texts(path: Path, rows: range | None = None) -> list[str]:
     texts: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
+    lines = [line for line in read_utf8(path, "JSON-lines file", newline=None).split("\n") if line.strip()]
     if rows is not None:
         if len(lines) < rows.stop:
             raise BitnestError(f"{path} has {len(lines)} rows, expected at least {rows.stop}; re-copy the data directory")
@@ -75,7 +87,7 @@ def load_eval_text(name: str, data_dir: str | os.PathLike | None = None) -> str:
         if not path.is_file():
             raise BitnestError(f"{path} not found; pass --data-dir DIR (the shared directory holding {rel})")
         if key == "wikitext2":
-            return _wikitext2_gptq_text(path.read_text(encoding="utf-8"))
+            return _wikitext2_gptq_text(read_utf8(path, newline=None))
         return "\n\n".join(_read_jsonl_texts(path, C4_HELDOUT))
 
     path = Path(name)
@@ -83,8 +95,7 @@ def load_eval_text(name: str, data_dir: str | os.PathLike | None = None) -> str:
         raise BitnestError(f"unknown evaluation dataset or missing file {name!r}; {_WHAT_TO_PASS}")
     if path.suffix.lower() == ".jsonl":
         return "\n\n".join(_read_jsonl_texts(path))
-    with path.open(encoding="utf-8", newline="") as f:
-        return f.read()
+    return read_utf8(path, "evaluation text")
 
 
 def tokenize_eval_text(tokenizer, text: str) -> torch.LongTensor:

@@ -38,14 +38,32 @@ class AgreementResult:
     tokens: int
 
 
-def default_ctx(model) -> int:
-    """Window length: the model's position limit, capped at 2048 (callers override, e.g. 256 for ref-10m)."""
+def max_positions(model) -> tuple[int, str] | None:
+    """(the model's position limit, the config field that says so), or None when its config names none."""
     config = getattr(model, "config", None)
     for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_len"):
         n = getattr(config, attr, None)
         if isinstance(n, int) and n > 0:
-            return min(MAX_DEFAULT_CTX, n)
-    return MAX_DEFAULT_CTX
+            return n, attr
+    return None
+
+
+def default_ctx(model) -> int:
+    """Window length: the model's position limit, capped at 2048 (callers override, e.g. 256 for ref-10m)."""
+    lim = max_positions(model)
+    return min(MAX_DEFAULT_CTX, lim[0]) if lim else MAX_DEFAULT_CTX
+
+
+def check_ctx(model, ctx) -> int:
+    """A window length the model can score: an integer ≥ 2 and within its positions (beyond them the numbers
+    mean nothing: positions it was never trained at, or an index error)."""
+    if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 2:
+        raise BitnestError(f"ctx (window length) must be an integer of at least 2 tokens, got {ctx!r}")
+    lim = max_positions(model)
+    if lim and ctx > lim[0]:
+        raise BitnestError(f"ctx {ctx} is beyond the model's {lim[0]} positions ({lim[1]} in its config); "
+                           f"pass --ctx {lim[0]} or less")
+    return ctx
 
 
 def _device(model) -> torch.device:
@@ -109,6 +127,7 @@ def score(model, ids: torch.Tensor, ctx: int, batch_size: int = 8, limit: int | 
           progress: bool = True, desc: str = "ppl", teacher=None) -> tuple[PplResult, AgreementResult | None]:
     """One pass over the windows: NLL of `model` and, with a teacher, KL(teacher || model) and top-1 agreement
     on the same predicted positions (the last position of each window predicts nothing)."""
+    check_ctx(model, ctx)
     n, limited, batches = _windows(ids, ctx, batch_size, limit, progress, desc)
     device = _device(model)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-window sync

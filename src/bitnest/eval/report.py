@@ -25,7 +25,7 @@ def evaluate(model, tokenizer, data: str = "wikitext2", *, data_dir=None, ctx: i
     """Metrics as a flat dict: ppl, nll, tokens, windows, ctx, limited, bits_per_weight, model_bytes[, kl, top1]
     [, window_nll: each window's mean NLL, for paired intervals between rows (`perplexity.paired_interval`)]."""
     ids = eval_tokens(tokenizer, data, data_dir)
-    ctx = ctx or default_ctx(model)
+    ctx = default_ctx(model) if ctx is None else ctx  # 0 is an error (check_ctx), not the default
     r, a = score(model, ids, ctx, batch_size=batch_size, limit=limit, progress=progress, desc=f"eval {data}", teacher=teacher)
     b = bits_report(model, storage_dtype, only=only)
     out = {"data": str(data), "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "windows": r.windows, "ctx": r.ctx,

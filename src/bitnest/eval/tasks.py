@@ -265,8 +265,12 @@ def score_items(items: Sequence[Item], results: Sequence[tuple[float, bool]], me
 
 
 def max_length_of(model, ctx: int | None = None) -> int:
+    """--ctx for tasks: the longest context + continuation scored (default: the model's positions)."""
     n = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
-    return min(ctx or n, n)
+    if ctx is None:
+        return n
+    from .perplexity import check_ctx
+    return check_ctx(model, ctx)
 
 
 def evaluate_tasks(model, tokenizer, tasks: str | Sequence[str] = DEFAULT_TASKS, *, data_dir=None,

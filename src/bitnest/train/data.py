@@ -33,6 +33,14 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _cache_kw(model) -> str:
+    """The KV-cache argument of the model's forward: `cache` (transformers ≥ 5.24; `past_key_values` is
+    deprecated there and removed later) or `past_key_values` (older releases), as serve/engine.py does."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def self_generate(model, n: int, seq_len: int, *, batch_size: int = 32, greedy: tuple[int, int] = (3, 5),
                   seed: int = 0, temperature: float = 1.0, vocab_size: int | None = None,
@@ -46,9 +54,12 @@ def self_generate(model, n: int, seq_len: int, *, batch_size: int = 32, greedy: 
     if n < 1 or seq_len < 2:
         raise BitnestError(f"need n ≥ 1 sequences of length ≥ 2, got n={n}, seq_len={seq_len}")
     V = vocab_size or model.config.vocab_size
+    from transformers import DynamicCache
+
     allowed = torch.tensor([i for i in range(V) if i not in _special_ids(model)])
     gen = torch.Generator().manual_seed(seed)
     device = _device(model)
+    cache_kw = _cache_kw(model)
     was_training = model.training
     model.eval()
     out = torch.empty(n, seq_len, dtype=torch.long)
@@ -62,10 +73,9 @@ def self_generate(model, n: int, seq_len: int, *, batch_size: int = 32, greedy: 
                 k = torch.randint(greedy[0], greedy[1] + 1, (b,), generator=gen)  # (b,) greedy positions
                 ids = first[:, None]  # (b, 1)
                 seq = [first]
-                past = None
+                cache = DynamicCache()  # filled in place by every forward
                 for t in range(1, seq_len):
-                    o = model(input_ids=ids.to(device), past_key_values=past, use_cache=True)
-                    past = o.past_key_values
+                    o = model(input_ids=ids.to(device), use_cache=True, **{cache_kw: cache})
                     logits = o.logits[:, -1].float().cpu()  # (b, V)
                     probs = torch.softmax(logits / temperature, dim=-1)
                     sampled = torch.multinomial(probs, 1, generator=gen)[:, 0]  # (b,)
@@ -82,19 +92,21 @@ def self_generate(model, n: int, seq_len: int, *, batch_size: int = 32, greedy: 
 
 def read_text(path: str | os.PathLike) -> str:
     """A training text: `.jsonl` -> its "text" fields joined by "\\n\\n"; any other file as is (UTF-8)."""
+    from ..eval.data import read_utf8
+
     p = Path(path)
     if not p.is_file():
         raise BitnestError(f"training data {path} not found; pass data='self' or a path to a .txt/.jsonl file")
     if p.suffix.lower() == ".jsonl":
         texts = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(read_utf8(p, "training text", newline=None).splitlines()):
             if line.strip():
                 try:
                     texts.append(json.loads(line)["text"])
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise BitnestError(f"{p}: line {i + 1} is not a JSON object with a \"text\" field") from None
         return "\n\n".join(texts)
-    return p.read_text(encoding="utf-8")
+    return read_utf8(p, "training text", newline=None)
 
 
 def text_sequences(tokenizer, path: str | os.PathLike, seq_len: int, limit: int | None = None) -> torch.Tensor:
