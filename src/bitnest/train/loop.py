@@ -14,6 +14,10 @@ resumable checkpoints.
   history and every RNG state. With `resume=True` a run restarted from the same initial model continues
   where the checkpoint left off and ends bit-identical to an uninterrupted run (the data is a function of
   the step). Ctrl-C saves the last completed step before stopping.
+- The recipe is part of the checkpoint: steps, LR schedule, Adam's settings, clipping, and what
+  `recipe_of` reads off the batches and the loss (batch size, shuffling seed, a digest of the training
+  data, the loss's plain settings such as MatQuant's λ per precision or OneBit's α), plus any `recipe`
+  dict the caller passes. Resuming with any of them changed is a one-line error naming each change.
 - CPU or CUDA: batches go to the device of the student's parameters.
 """
 from __future__ import annotations
@@ -130,6 +134,72 @@ def _save_state(path: Path, state: dict) -> None:
             tmp.unlink()
 
 
+def _plain(v, depth: int = 0):
+    """`v` as JSON-able data when it is plain settings (numbers, strings, and tuples / dicts / dataclasses of
+    them); None for anything else (modules, tensors, callables), which the recipe leaves out."""
+    import dataclasses
+
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if depth > 4:
+        return None
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        d = {f.name: _plain(getattr(v, f.name), depth + 1) for f in dataclasses.fields(v)}
+        return None if any(x is None and getattr(v, k) is not None for k, x in d.items()) else d
+    if isinstance(v, (tuple, list, set, frozenset)):
+        items = [_plain(x, depth + 1) for x in v]
+        if any(x is None and y is not None for x, y in zip(items, v)):
+            return None
+        return sorted(items, key=repr) if isinstance(v, (set, frozenset)) else items
+    if isinstance(v, dict) and all(isinstance(k, (str, int)) for k in v):
+        d = {str(k): _plain(x, depth + 1) for k, x in v.items()}
+        return None if any(d[str(k)] is None and x is not None for k, x in v.items()) else d
+    return None
+
+
+def _batches_of(batches):
+    """The `data.Batches` behind `batches`: itself, or one a step -> batch closure reads (OmniQuant's)."""
+    from .data import Batches
+
+    if isinstance(batches, Batches):
+        return batches
+    for cell in getattr(batches, "__closure__", None) or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(v, Batches):
+            return v
+    return None
+
+
+def recipe_of(batches, loss_fn, recipe: dict | None = None) -> dict:
+    """What, besides the optimizer settings, makes a training run this run: batch size, shuffling seed and a
+    digest of the data (from a `data.Batches`), the loss object's plain settings (λ per precision, α, kd...),
+    and the caller's own `recipe`. Metadata and one hash of the token ids: cheap next to one training step."""
+    import hashlib
+
+    out = {}
+    b = _batches_of(batches)
+    if b is not None:
+        data = b.data.detach().contiguous().cpu()
+        digest = hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b"",
+                                 digest_size=8).hexdigest()
+        out.update({"batch": b.batch_size, "seed": b.seed, "shuffle": b.shuffle,
+                    "data": f"{list(data.shape)} {str(data.dtype).replace('torch.', '')} #{digest}"})
+    for k, v in sorted(vars(loss_fn).items() if hasattr(loss_fn, "__dict__") else ()):
+        if not k.startswith("_") and (pv := _plain(v)) is not None:
+            out[f"{type(loss_fn).__name__}.{k}"] = pv
+    for k, v in (recipe or {}).items():
+        out[str(k)] = _plain(v) if _plain(v) is not None else repr(v)
+    return out
+
+
+def _short(v) -> str:
+    s = v if isinstance(v, str) else repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
 def _named(student: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> list[str]:
     names = {id(p): n for n, p in student.named_parameters(remove_duplicate=False)}
     missing = [i for i, p in enumerate(params) if id(p) not in names]
@@ -143,7 +213,8 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
           weight_decay: float = 0.0, warmup: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.0,
           clip: float | None = 1.0, params: Sequence[torch.nn.Parameter] | None = None,
           ckpt_dir: str | os.PathLike | None = None, ckpt_every: int = 100, resume: bool = True,
-          progress: bool = True, desc: str = "train", log_fn: Callable[[dict], None] | None = None) -> TrainResult:
+          progress: bool = True, desc: str = "train", log_fn: Callable[[dict], None] | None = None,
+          recipe: dict | None = None) -> TrainResult:
     """Train `params` of `student` for `steps` optimizer steps on loss_fn(student, batches(step)).
 
     Returns a TrainResult (history of every step, tokens, seconds). The student is left in the mode it
@@ -167,9 +238,14 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, steps=steps, warmup=warmup, schedule=schedule, min_ratio=min_lr_ratio))
     meta = {"steps": steps, "lr": lr, "betas": list(betas), "warmup": warmup, "schedule": schedule,
+            "eps": eps, "weight_decay": weight_decay, "min_lr_ratio": min_lr_ratio, "clip": clip,
             "names": names, "shapes": [list(p.shape) for p in params]}
 
     ckpt = Path(ckpt_dir) / STATE_FILE if ckpt_dir is not None else None
+    if ckpt is not None:
+        from ..formats.checkpoint import clean_stale
+        meta["recipe"] = recipe_of(batches, loss_fn, recipe)
+        clean_stale(ckpt)  # a temporary file a killed run left
     step, tokens, seconds, history, resumed_from = 0, 0, 0.0, [], 0
     if ckpt is not None and resume and ckpt.is_file():
         step, tokens, seconds, history = _restore(ckpt, meta, params, opt, sched, device)
@@ -240,11 +316,18 @@ def _restore(ckpt: Path, meta: dict, params, opt, sched, device) -> tuple[int, i
     if old["names"] != meta["names"] or old["shapes"] != meta["shapes"]:
         raise BitnestError(f"the training checkpoint {ckpt} belongs to a different model or method (its trained "
                            "parameters differ); use another checkpoint directory or delete it")
-    changed = [k for k in ("steps", "lr", "betas", "warmup", "schedule") if old[k] != meta[k]]
+    # keys an older checkpoint lacks are not compared (it recorded less); a recipe entry one side lacks is a change
+    changed = [(k, old[k], meta[k]) for k in ("steps", "lr", "betas", "warmup", "schedule", "eps", "weight_decay",
+                                              "min_lr_ratio", "clip") if k in old and old[k] != meta[k]]
+    if "recipe" in old:
+        was, now = old["recipe"], meta.get("recipe", {})
+        changed += [(k, was.get(k, "(none)"), now.get(k, "(none)")) for k in sorted(set(was) | set(now), key=str)
+                    if was.get(k, "(none)") != now.get(k, "(none)")]
     if changed:
-        raise BitnestError(f"the training checkpoint {ckpt} was made with different {', '.join(changed)} "
-                           f"({', '.join(f'{k}={old[k]}' for k in changed)}); resuming would not reproduce that run. "
-                           "Use the same settings, another checkpoint directory, or delete it")
+        raise BitnestError(f"the training checkpoint {ckpt} was made with a different recipe: "
+                           + "; ".join(f"{k} {_short(a)} → {_short(b)}" for k, a, b in changed)
+                           + ". Resuming would not reproduce that run: use the same settings, another checkpoint "
+                           "directory, or delete it")
     with torch.no_grad():
         for n, p in zip(meta["names"], params):
             p.copy_(s["params"][n].to(device))
