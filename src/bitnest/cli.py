@@ -24,17 +24,33 @@ def _fail(msg: str) -> int:
 
 
 def group_size(s: str) -> int | None:
+    """'channel' (None), 'tensor' (-1 inside bitnest) or N > 0. A bare -1 is refused: GPTQ tools mean "per
+    channel" by it, bitnest's own configs "per tensor" — the word says which one the user wants."""
     if s in ("channel", "none", "None"):
         return None
-    if s in ("tensor", "-1"):
+    if s == "tensor":
         return -1
     try:
         g = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"group size must be 'channel', 'tensor' or a positive integer, got {s!r}")
+    if g == -1:
+        raise argparse.ArgumentTypeError("group size -1 is ambiguous (GPTQ tools mean per channel by it, bitnest's "
+                                         "configs per tensor): pass 'channel' or 'tensor'")
     if g <= 0:
-        raise argparse.ArgumentTypeError(f"group size must be positive, got {g}")
+        raise argparse.ArgumentTypeError(f"group size must be 'channel', 'tensor' or a positive integer, got {g}")
     return g
+
+
+def ctx_arg(s: str) -> int:
+    """--ctx: a window of at least 2 tokens (the model's position limit is checked once it is loaded)."""
+    try:
+        n = int(s)
+    except ValueError:
+        n = None
+    if n is None or n < 2:
+        raise argparse.ArgumentTypeError(f"ctx must be an integer of at least 2 tokens, got {s!r}")
+    return n
 
 
 def bits_arg(s: str):
@@ -83,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "matquant/matgptq: the precisions R optimized together, e.g. 8,4,2)")
     # SUPPRESS: options not given keep the method's own defaults (nf/log: groups of 64, share: per tensor)
     q.add_argument("--group-size", type=group_size, default=argparse.SUPPRESS,
-                   help="'channel', 'tensor' or N inputs per group (default: the method's, usually per channel)")
+                   help="'channel', 'tensor' or a positive N inputs per group (default: the method's, usually per channel)")
     q.add_argument("--symmetric", action="store_true", default=argparse.SUPPRESS)
     q.add_argument("--targets", type=targets, default=None, help="all (default; matquant: ffn) | ffn | attn | comma-separated globs over module names")
     q.add_argument("--flavour", choices=("qat", "omniquant"), help="matquant: end-to-end QAT (default) or block-wise OmniQuant")
@@ -92,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any field of the method's config, e.g. -o steps=200 -o init=svd (see `bitnest methods`)")
     q.add_argument("--out", required=True)
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a checkpoint (refused if it holds other files)")
     q.add_argument("--max-shard-size", default="2GB")
     q.add_argument("--stream", action="store_true", help="models larger than RAM (rtn, sliced): read one layer at a time "
                    "from the safetensors files, write one shard per block; rerun the same command to resume")
@@ -101,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e.add_argument("--bits", type=int, help="serve a Matryoshka checkpoint at this many bits")
     e.add_argument("--data", default="wikitext2", help="wikitext2 | c4 (held-out rows 1800-1999) | a .txt/.jsonl file")
-    e.add_argument("--ctx", type=int, help="window length (default: min(2048, max positions); ref-10m was trained at 256)")
+    e.add_argument("--ctx", type=ctx_arg, help="window length, 2 up to the model's max positions (default: min(2048, max "
+                   "positions); ref-10m was trained at 256)")
     e.add_argument("--tasks", help="zero-shot tasks instead of perplexity, lm-eval conventions, from the data dir: "
                    "comma-separated from piqa, arc_easy, arc_challenge, boolq, winogrande, lambada, openbookqa, copa, "
                    "hellaswag (or default = the first eight, all)")
@@ -139,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--levels", default="8,6,4,3,2", help="widths the --budget search may use (default 8,6,4,3,2)")
     s.add_argument("--calib-samples", type=int, default=8, help="--budget search: C4 training sequences of 256 tokens (default 8)")
     s.add_argument("--out", required=True)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a checkpoint (refused if it holds other files)")
 
     i = sub.add_parser("info", help="what a checkpoint holds: method, bits, per-layer bits, size")
     _add_common(i, model_required=True)
@@ -166,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
     r.add_argument("--data", default="wikitext2,c4", help="perplexity datasets, comma-separated (default wikitext2,c4)")
     r.add_argument("--data-dir", help="directory holding data/ (default: $BITNEST_DATA_DIR or ../shared beside the checkout)")
-    r.add_argument("--ctx", type=int, help="window length (default: min(256, max positions))")
+    r.add_argument("--ctx", type=ctx_arg, help="window length (default: min(256, max positions))")
     r.add_argument("--limit", type=int, default=16, help="windows per dataset (default 16)")
     r.add_argument("--budgets", default="3,5", help="Mix'n'Match budgets (bits per weight) shown for Matryoshka checkpoints")
     r.add_argument("--tasks", help="zero-shot tasks to add (as bitnest eval --tasks)")
@@ -198,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize the default model at several precisions and print the table")
     _add_common(d)
     d.add_argument("--out", default="runs/demo", help="where the Matryoshka checkpoint is saved")
-    d.add_argument("--ctx", type=int, default=256)
+    d.add_argument("--ctx", type=ctx_arg, default=256)
     d.add_argument("--limit", type=int, default=64, help="windows per dataset (default 64, to stay under 3 minutes on 2 cores)")
     d.add_argument("--matquant-steps", type=int, default=24,
                    help="QAT steps (4 × ctx tokens each) for the MatQuant rows; 0 leaves them out")

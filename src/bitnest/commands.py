@@ -9,7 +9,7 @@ import torch
 from .api import quantization_config, quantize
 from .errors import BitnestError
 from .eval.bits import bits_report
-from .formats.checkpoint import save_quantized
+from .formats.checkpoint import check_output, check_writable, save_quantized
 from .models.hf import load_model
 
 
@@ -26,9 +26,7 @@ def _default(args) -> str:
 def cmd_quantize(args) -> int:
     from .api import make_config
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:  # fail before the work, not after
-        raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+    out = check_output(args.out, args.overwrite)  # fail before the work, not after (exists / not writable)
     opts = {k: v for k, v in vars(args).items() if k in ("group_size", "symmetric")}  # only when given
     if args.targets is not None:
         opts["targets"] = args.targets
@@ -178,9 +176,7 @@ def cmd_slice(args) -> int:
     from .nn.qlinear import QuantLinear
     from .models.blocks import replace_module
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+    out = check_output(args.out, args.overwrite)
     budget, strategy = getattr(args, "budget", None), getattr(args, "strategy", None)
     if (args.bits is None) == (budget is None):
         raise BitnestError("pass either --bits R (one width) or --budget B (Mix'n'Match per-layer widths)")
@@ -220,8 +216,11 @@ def cmd_info(args) -> int:
     loaded = load_model(args.model, allow_pickle=args.allow_pickle, check=False)
     qc = loaded.quantization_config
     rep = bits_report(loaded.model, loaded.storage_dtype)
+    from .formats.checkpoint import layer_summary, recipe_mismatch
+
     info = {"model": loaded.source, "quantized": qc is not None,
             "method": qc and qc.get("method"), "config": qc and qc.get("config"), "nested": bool(qc and qc.get("nested")),
+            "stored": qc and layer_summary(qc), "config_mismatch": qc and recipe_mismatch(qc),
             "bits_per_weight": rep.bits_per_weight, "quantized_weights": rep.quantized_weights,
             "model_bytes": rep.model_bytes, "file_bytes": _dir_bytes(Path(args.model)) if Path(args.model).is_dir() else None,
             "layers": {n: {"bits": lc["serve_bits"], "stored_bits": lc["bits"], "group_size": lc["group_size"]}
@@ -233,7 +232,17 @@ def cmd_info(args) -> int:
         print(f"{loaded.source}: full precision ({loaded.storage_dtype}), {rep.model_bytes / 2**20:.2f} MiB")
         return 0
     print(f"{loaded.source}: bitnest {qc['method']}{' (Matryoshka: servable at any r ≤ stored bits)' if info['nested'] else ''}")
-    print(f"  config: {json.dumps(qc.get('config'))}")
+    # the per-layer entries are what loads (and what the tensors were checked against); `config` only records
+    # what the method was asked for, so it is shown as that, and a disagreement is said, not hidden
+    lay = info["stored"]
+    print(f"  layers: serve {'/'.join(f'int{b}' for b in lay['served'])}, store {'/'.join(f'int{b}' for b in lay['stored'])}, "
+          f"{'/'.join(_granularity(g) for g in lay['group_size']) or 'n/a'}"
+          + (f", {'/'.join('symmetric' if x else 'asymmetric' for x in lay['symmetric'])}" if lay["symmetric"] else "")
+          + (f", kinds {'/'.join(lay['kinds'])}" if lay["kinds"] != ["affine"] else ""))
+    print(f"  recipe (as recorded): {json.dumps(qc.get('config'))}")
+    if info["config_mismatch"]:
+        print(f"  warning: the recorded recipe disagrees with every layer: {'; '.join(info['config_mismatch'])} — the "
+              "checkpoint was edited or damaged; the layers above are what loads")
     print(f"  {rep.bits_per_weight:.3f} bits/weight over {rep.quantized_weights:,} quantized weights; "
           f"model {rep.model_bytes / 2**20:.2f} MiB; files {info['file_bytes'] / 2**20:.2f} MiB")
     print("  layer                                    bits  stored  group")
@@ -359,6 +368,7 @@ def cmd_report(args) -> int:
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise BitnestError(f"output {out} already exists and is not empty (pass --overwrite to write into it)")
+    check_writable(out)
     try:
         budgets = tuple(float(b) for b in args.budgets.split(",") if b.strip())
     except ValueError:
@@ -377,8 +387,12 @@ def cmd_export(args) -> int:
     from .export import export
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:  # fail before the work, not after
-        raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+    if args.to == "gguf":  # a file (or DIR/model.gguf): write_gguf checks the file before encoding
+        if out.exists() and not args.overwrite:  # fail before the work, not after
+            raise BitnestError(f"output {out} already exists (pass --overwrite to replace it)")
+        check_writable(out)
+    else:
+        check_output(out, args.overwrite)  # fail before the work: exists, not a checkpoint to replace, not writable
     kw = {"gptq_format": args.gptq_format} if args.to == "gptq" else {}
     res = export(args.model, args.to, args.out, bits=args.bits, budget=args.budget, approximate=args.approximate,
                  overwrite=args.overwrite, **kw)
