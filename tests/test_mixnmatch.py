@@ -201,5 +201,9 @@ def test_evolutionary_search_finds_the_best_mix_by_kl():
     assert again == mix
     mix, path = evo_mix(model, ids, 4.25, levels=(8, 4, 2), per_layer=True, generations=5, offspring=4, progress=False)
     assert bits_report(model, only=names).bits_per_weight <= 4.25 and len(set(mix.values())) >= 2
+    greedy, _ = search_mix(model, ids, 3.5, levels=(8, 4, 2), progress=False)
+    mix, path = evo_mix(model, ids, 3.5, levels=(8, 4, 2), init="greedy", generations=3, offspring=4, progress=False)
+    apply_mix(model, greedy)
+    assert path[0]["kl"] == pytest.approx(kl_to(teacher, model, ids)) and path[-1]["kl"] <= path[0]["kl"]
     with pytest.raises(BitnestError, match="cannot be met"):
         evo_mix(model, ids, 2.0, levels=(8, 4, 2), progress=False)

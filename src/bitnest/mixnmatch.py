@@ -271,7 +271,7 @@ def kl_to(teacher_lp: torch.Tensor, model: nn.Module, ids: torch.Tensor, batch_s
 def evo_mix(model: nn.Module, ids: torch.Tensor, budget: float | None = None, *, max_bytes: int | None = None,
             teacher: nn.Module | None = None, names: Sequence[str] | None = None, levels: Sequence[int] = SEARCH_LEVELS,
             per_layer: bool = False, generations: int = 60, offspring: int = 12, survivors: int = 3,
-            first_stage: int = 1, seed: int = 0, init: dict[str, int] | None = None, batch_size: int = 8,
+            first_stage: int = 1, seed: int = 0, init: dict[str, int] | str | None = None, batch_size: int = 8,
             progress: bool = True) -> tuple[dict[str, int], list[dict]]:
     """Evolutionary budget search (EvoPress, Sieberling et al. 2024; MatGPTQ's Mix'n'Match): fitness = KL from
     the teacher (the FP model when given, else this model at its widest slice) on the calibration ids (N, T).
@@ -279,9 +279,10 @@ def evo_mix(model: nn.Module, ids: torch.Tensor, budget: float | None = None, *,
     Each generation mutates the parent into `offspring` children by level switches (one unit one width up, another
     one down, kept only if the budget still holds, 1–3 switches), ranks them on the first `first_stage` sequences,
     re-scores the best `survivors` on all of them, and keeps the best child if it beats the parent. Units are
-    decoder blocks (all nested layers of a block share r) or single layers (`per_layer`). Starts from `init` or
-    the most bits that fit with one width everywhere plus greedy upgrades. Returns (mix, path: the parent's
-    KL per generation); the model is left serving the mix."""
+    decoder blocks (all nested layers of a block share r) or single layers (`per_layer`). Starts from `init` (a
+    mix, or "greedy": `search_mix`'s result, so the search can only improve on it) or else from the most bits that
+    fit with one width everywhere plus random upgrades. Returns (mix, path: the parent's KL per generation); the
+    model is left serving the mix."""
     _budget_check(budget, max_bytes)
     mods = nested_modules(model, names)
     groups = [[n] for n in mods] if per_layer else layer_groups(list(mods))
@@ -295,6 +296,9 @@ def evo_mix(model: nn.Module, ids: torch.Tensor, budget: float | None = None, *,
                            f"{meter.bpw([t[-1] for t in top]):.3f} bits per weight")
     g = torch.Generator().manual_seed(seed)
     rand = lambda n: int(torch.randint(0, n, (1,), generator=g))
+    if init == "greedy":
+        init, _ = search_mix(model, ids, budget, max_bytes=max_bytes, names=list(mods),
+                             levels=levels, batch_size=batch_size, progress=False)
     if init is not None:
         idx = [top[i].index(init[grp[0]]) for i, grp in enumerate(groups)]
     else:
