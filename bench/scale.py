@@ -195,7 +195,7 @@ def main() -> None:
             row = {"method": method, "label": label, "options": opts, "model_bytes": model_bytes, "ram_bytes": ram,
                    "peak_rss": r["peak_rss"], "base_rss": r["base_rss"], "seconds": round(r["seconds"], 1),
                    "out_bytes": out_bytes, "layers": layers, "hidden": args.hidden, "intermediate": args.inter,
-                   "block_fp32_bytes": block_fp32, "ranks": 1}
+                   "block_fp32_bytes": block_fp32, "load_avg": round(os.getloadavg()[0], 1), "ranks": 1}
             rows.append(row)
             print(f"{label}: peak RSS {r['peak_rss'] / GiB:.2f} GiB (baseline {r['base_rss'] / GiB:.2f}), "
                   f"{r['seconds']:.0f} s, output {out_bytes / 1e9:.1f} GB", flush=True)
@@ -206,7 +206,7 @@ def main() -> None:
         return
     from common import fmt_table, header, write_json, write_section
 
-    write_json("scale", rows)
+    write_json("scale.json", rows)
     for r in rows:
         r["peak_gib"], r["in_gb"], r["out_gb"] = r["peak_rss"] / GiB, r["model_bytes"] / 1e9, r["out_bytes"] / 1e9
     note = (f"Synthetic Llama-2-13B-shaped checkpoint (hidden {args.hidden}, intermediate {args.inter}, {layers} layers, "
@@ -215,7 +215,9 @@ def main() -> None:
             f"{2 * model_bytes / GiB:.0f} GiB in float32). `bitnest quantize --stream` / `quantize_streaming` reads one "
             f"tensor at a time and writes one shard per block; one block in float32 is {block_fp32 / GiB:.2f} GiB. Peak "
             "RSS is the worker process's VmHWM (torch + transformers included). One process, "
-            f"{args.threads} threads.\n")
+            f"{args.threads} threads; 1-minute load average at the end of each run: "
+            f"{', '.join(str(r['load_avg']) for r in rows)} (above {os.cpu_count()}: the machine was shared, the "
+            "seconds are pessimistic; the peak RSS is not affected).\n")
     table = fmt_table(rows, [("label", "method", ""), ("in_gb", "input GB", ".1f"), ("out_gb", "output GB", ".1f"),
                              ("peak_gib", "peak RSS GiB", ".2f"), ("seconds", "seconds", ".0f")])
     write_section("scale", header("Models larger than RAM: streaming quantization", note) + "\n" + table)
