@@ -8,7 +8,9 @@ and g64, one run, the same calibration sequences for every calibrated row.
 
 Rows (method): fp; rtn (each width alone, data-free); lpfit (bitnest's data-free ℓp grid fit) and hqq_opt (HQQ's
 own optimizer, library hqq) at 4/3/2 bits; sliced (RTN int8 parent served at r); gptq (each width alone,
-its own run); matgptq (one run, λ per width = --lambdas over --precisions, its slices); matquant_qat and
+its own run); matgptq (one run, λ per width = --lambdas over --precisions, its slices); matgptq_mix_greedy / matgptq_mix_evo (the per-channel MatGPTQ parent at --mix-budgets bits per weight:
+the greedy per-block search on NLL vs the evolutionary per-layer search on KL to FP, 8 calibration sequences);
+matquant_qat and
 matquant_omniquant (R = {8, 4, 2}, the paper's λ = (0.1, 0.1, 1), served at 8, 4, 3 (interpolated), 2; --qat-steps
 and --omni-steps). Perplexity on the first --limit windows (256 tokens) of C4 held-out and of WikiText-2 test, the same
 windows for every row; ci95_* = the paired bootstrap 95 % interval of the row's mean window NLL minus FP's (nats/token);
@@ -52,12 +54,16 @@ def parse(argv=None):
     ap.add_argument("--skip-trained", action="store_true")
     ap.add_argument("--skip-self", action="store_true", help="without the rows calibrated on self-generated text")
     ap.add_argument("--groups", default="channel,64")
+    ap.add_argument("--mix-budgets", default="3.0,3.5", help="Mix'n'Match budgets (bits per weight over all linears, "
+                    "per channel only; '' for none)")
+    ap.add_argument("--evo-generations", type=int, default=40)
     ap.add_argument("--data-dir")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
-        a.limit, a.n_calib, a.qat_steps, a.omni_steps = 2, 4, 2, 2
+        a.limit, a.n_calib, a.qat_steps, a.omni_steps, a.evo_generations = 2, 4, 2, 2, 2
     a.groups = [None if x == "channel" else int(x) for x in a.groups.split(",")]
+    a.mix_budgets = [float(x) for x in a.mix_budgets.split(",") if x.strip()]
     return a
 
 
@@ -71,6 +77,7 @@ def main(argv=None) -> int:
     from bitnest.eval.perplexity import paired_interval
     from bitnest.eval.report import evaluate
     from bitnest.methods import REGISTRY
+    from bitnest.mixnmatch import evo_mix, nested_modules, search_mix
     from bitnest.models.blocks import select_linears
 
     t_all = time.perf_counter()
@@ -134,6 +141,16 @@ def main(argv=None) -> int:
                                         progress=False, **kw))
         for r, s in served(m, WIDTHS):
             add("matgptq", r, g, s, sec)
+        if g is None and a.mix_budgets:  # Mix'n'Match on the MatGPTQ parent: greedy (per block) vs evolutionary (per layer)
+            mix_ids, names = calib[:8], list(nested_modules(m, ffn_only=False))
+            for budget in a.mix_budgets:
+                t0 = time.perf_counter()
+                search_mix(m, mix_ids, budget, names=names, progress=False)
+                add("matgptq_mix_greedy", budget, g, score(m), time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                evo_mix(m, mix_ids, budget, teacher=fp, names=names, per_layer=True, generations=a.evo_generations,
+                        progress=False)
+                add("matgptq_mix_evo", budget, g, score(m), time.perf_counter() - t0)
         for b in (4, 3, 2):  # data-free: bitnest's ℓp grid fit next to HQQ's own optimizer
             if "lpfit" in REGISTRY:
                 m, sec = timed(lambda: quantize(copy.deepcopy(fp), "lpfit", bits=b, group_size=g, progress=False))
