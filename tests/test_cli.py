@@ -58,6 +58,9 @@ def test_bad_models_one_line_no_output(capsys, bad_models, tmp_path, case, needl
 @pytest.mark.parametrize("argv,needle", [
     (["--bits", "9"], "bits"), (["--bits", "0"], "bits"), (["--method", "nope"], "unknown method"),
     (["--group-size", "48"], "does not divide"), (["--group-size", "abc"], "group size"),
+    (["--calib-data", "self"], "uses no calibration data"),
+    (["--method", "gptq", "--calib-data", "/nonexistent/calib.txt"], "not auto, c4, self"),
+    (["--method", "matgptq", "--bits", "8,4", "--lambdas", "1,2,3"], "lambdas for 2 precisions"),
 ])
 def test_bad_options_one_line(capsys, tiny_llama_dir, tmp_path, argv, needle):
     out = tmp_path / "out"
@@ -116,3 +119,19 @@ def test_unset_options_keep_method_defaults(capsys, tiny_llama_dir, tmp_path):
                      "--out", str(tmp_path / "nf"), "--no-progress")
     cfg = json.loads((tmp_path / "nf" / "config.json").read_text())["quantization_config"]["config"]
     assert code == 0 and cfg["group_size"] == 64  # nf's own default, not per-channel
+
+
+def test_matgptq_from_self_generated_calibration(capsys, tiny_llama_dir, tmp_path):
+    """--method matgptq --bits 8,4,2 --lambdas … --calib-data self: no corpus needed; the checkpoint records the widths
+    and λ, and serves int2 at load time."""
+    out = tmp_path / "mg"
+    code, text, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--method", "matgptq", "--bits", "8,4,2",
+                          "--lambdas", "4,2,1", "--calib-data", "self", "-o", "n_calib=4", "-o", "calib_len=32",
+                          "--group-size", "32", "--out", str(out), "--no-progress")
+    assert code == 0, err
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "matgptq" and qc["nested"] and qc["config"]["precisions"] == [8, 4, 2]
+    assert qc["config"]["lambdas"] == [4.0, 2.0, 1.0] and qc["config"]["calib_data"] == "generate"
+    from bitnest.models.hf import load_model
+    m = load_model(out, bits=2).model
+    assert {l.serve_bits for l in m.modules() if hasattr(l, "serve_bits")} == {2}

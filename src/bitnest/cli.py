@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--flavour", choices=("qat", "omniquant"), help="matquant: end-to-end QAT (default) or block-wise OmniQuant")
     q.add_argument("--lambdas", help="matquant/matgptq: loss weight per precision, in the order of --bits (default matquant 0.1,...,0.1,1; matgptq doubling from the narrowest, e.g. 8,4,2,1)")
     q.add_argument("--codistill", help="matquant: co-distillation in the paper's notation, e.g. \"[8,4,2,8→2]\" or \"[8,4,2,8->4;2]\"")
+    q.add_argument("--calib-data", help="calibrated methods (gptq, matgptq, clip, omniquant, …): c4 (training rows), self "
+                   "(sequences sampled from the model: no corpus, its own domain) or any .txt/.jsonl file (default: c4 "
+                   "when the tokenizer is found, else self)")
     q.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any field of the method's config, e.g. -o steps=200 -o init=svd (see `bitnest methods`)")
     q.add_argument("--out", required=True)
@@ -151,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, help="one width for every nested layer")
     s.add_argument("--budget", type=float, help="Mix'n'Match: bits per FFN weight (every stored bit); per-layer widths "
                    "by a greedy search on calibration text, or by --strategy")
-    s.add_argument("--strategy", choices=("pyramid", "reverse_pyramid", "increasing", "decreasing"),
-                   help="Mix'n'Match: the paper's layer-wise strategy (with --budget; widths 8/4/2)")
+    s.add_argument("--strategy", choices=("pyramid", "reverse_pyramid", "increasing", "decreasing", "evo"),
+                   help="Mix'n'Match: the paper's layer-wise strategy (with --budget; widths 8/4/2), or evo: an "
+                   "evolutionary search (EvoPress-style) on KL to the widest slice")
     s.add_argument("--levels", default="8,6,4,3,2", help="widths the --budget search may use (default 8,6,4,3,2)")
     s.add_argument("--calib-samples", type=int, default=8, help="--budget search: C4 training sequences of 256 tokens (default 8)")
     s.add_argument("--out", required=True)

@@ -43,6 +43,12 @@ def cmd_quantize(args) -> int:
             if args.method != "matquant" and not (flag == "lambdas" and args.method == "matgptq"):
                 raise BitnestError(f"--{flag} is a matquant option (got --method {args.method})")
             opts[flag] = getattr(args, flag)
+    if getattr(args, "calib_data", None) is not None:
+        from dataclasses import fields
+        from .methods import get_method
+        if "calib_data" not in {f.name for f in fields(get_method(args.method).config_cls)}:
+            raise BitnestError(f"--calib-data is for calibrated methods; {args.method} uses no calibration data")
+        opts["calib_data"] = args.calib_data
     config = make_config(args.method, **{**opts, **parse_options(args.method, args.option)})
     if getattr(args, "stream", False):  # larger than RAM: never build the model (bitnest.streaming)
         from .streaming import quantize_streaming
