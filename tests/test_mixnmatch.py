@@ -155,7 +155,7 @@ def test_cli_slice_budget_writes_the_mix(tiny_llama_dir, tmp_path, capsys, share
     ck = tmp_path / "int8"
     assert main(["quantize", "--model", str(tiny_llama_dir), "--method", "sliced", "--bits", "8", "--targets", "ffn",
                  "--out", str(ck), "--no-progress"]) == 0
-    for extra in ([], ["--strategy", "pyramid"]):
+    for extra in (["--levels", "8,4,2"], ["--strategy", "pyramid"], ["--strategy", "evo", "--levels", "8,4,2"]):
         out = tmp_path / ("mix" + "".join(extra))
         assert main(["slice", "--model", str(ck), "--budget", "3.5", "--calib-samples", "2", "--out", str(out),
                      "--no-progress"] + extra) == 0, capsys.readouterr().err

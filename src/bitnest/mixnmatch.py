@@ -376,8 +376,9 @@ def choose_mix(loaded, budget: float, *, strategy: str | None = None, levels: st
                 levels = [int(x) for x in levels.split(",") if x.strip()]
             except ValueError:
                 raise BitnestError(f"--levels must be comma-separated bit-widths, got {levels!r}") from None
+        positions = getattr(model.config, "max_position_embeddings", None) or calib_len
         opts = CalibOptions(calib_data="c4" if loaded.tokenizer is not None else "generate", n_calib=calib_samples,
-                            calib_len=calib_len)
+                            calib_len=min(calib_len, positions))  # a small model's context bounds the windows
         ids = calibration_tokens(model, opts, tokenizer=loaded.tokenizer, data_dir=data_dir)  # (n, T)
         search = evo_mix if strategy == "evo" else search_mix
         mix, _ = search(model, ids, budget, levels=levels, progress=progress)
