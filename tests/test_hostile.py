@@ -311,6 +311,8 @@ def test_recipe_records_matquant_lambdas_and_plan():
     b = recipe_of(lambda s: None, MatQuantLoss([], MatQuantConfig(precisions=(8, 4, 2), lambdas=(1, 1, 1)).plan()))
     assert a["MatQuantLoss.plan"]["lam"] == [[8, 0.1], [4, 0.1], [2, 1.0]] and a != b
     json.dumps(a)  # stored in the training checkpoint: plain data only
+    from bitnest.train.loop import _flat
+    assert _flat(b)["MatQuantLoss.plan.lam"] == [[8, 1.0], [4, 1.0], [2, 1.0]]  # a change names the field that moved
 
 
 # ------------------------------------------------------------------------- 6. messages that mislead

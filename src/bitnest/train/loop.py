@@ -195,6 +195,17 @@ def recipe_of(batches, loss_fn, recipe: dict | None = None) -> dict:
     return out
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested recipe entries as dotted keys (`MatQuantLoss.plan.lam`), so a change names the field that moved."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _short(v) -> str:
     s = v if isinstance(v, str) else repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
@@ -320,7 +331,7 @@ def _restore(ckpt: Path, meta: dict, params, opt, sched, device) -> tuple[int, i
     changed = [(k, old[k], meta[k]) for k in ("steps", "lr", "betas", "warmup", "schedule", "eps", "weight_decay",
                                               "min_lr_ratio", "clip") if k in old and old[k] != meta[k]]
     if "recipe" in old:
-        was, now = old["recipe"], meta.get("recipe", {})
+        was, now = _flat(old["recipe"]), _flat(meta.get("recipe", {}))
         changed += [(k, was.get(k, "(none)"), now.get(k, "(none)")) for k in sorted(set(was) | set(now), key=str)
                     if was.get(k, "(none)") != now.get(k, "(none)")]
     if changed:
