@@ -318,8 +318,6 @@ def test_recipe_records_matquant_lambdas_and_plan():
 # ------------------------------------------------------------------------- 6. messages that mislead
 
 
-@pytest.mark.xfail(strict=True, reason="MatQuantConfig validates warmup from steps//20 even when the user set no "
-                   "warmup; the fix belongs in methods/matquant.py (owned by another session)")
 def test_negative_steps_reports_only_steps(capsys, ck, tmp_path):
     code, _, err = run(capsys, "quantize", "--model", ck["fp"], "--method", "matquant", "-o", "steps=-5",
                        "--out", tmp_path / "o", "--no-progress")

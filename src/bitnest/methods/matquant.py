@@ -265,7 +265,7 @@ class MatQuantConfig(CalibOptions, QuantConfig):
         if self.steps < 0 or self.lr <= 0 or self.batch < 1 or self.batch_size < 1 or self.ckpt_every < 1:
             bad.append(f"need steps ≥ 0, lr > 0, batch ≥ 1, batch_size ≥ 1, ckpt_every ≥ 1 (got {self.steps}, "
                        f"{self.lr}, {self.batch}, {self.batch_size}, {self.ckpt_every})")
-        if not 0 <= self.warmup <= self.steps:
+        if self.steps >= 0 and not 0 <= self.warmup <= self.steps:  # bad steps: that is the one error to report
             bad.append(f"warmup must be between 0 and steps (got {self.warmup})")
         if self.schedule not in SCHEDULES:
             bad.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
