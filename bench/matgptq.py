@@ -52,11 +52,13 @@ def parse(argv=None):
     ap.add_argument("--qat-steps", type=int, default=48)
     ap.add_argument("--omni-steps", type=int, default=24)
     ap.add_argument("--skip-trained", action="store_true")
+    ap.add_argument("--no-clip", dest="clip", action="store_false", help="MatGPTQ without slice-aware clipping")
     ap.add_argument("--skip-self", action="store_true", help="without the rows calibrated on self-generated text")
     ap.add_argument("--groups", default="channel,64")
     ap.add_argument("--mix-budgets", default="3.0,3.5", help="Mix'n'Match budgets (bits per weight over all linears, "
                     "per channel only; '' for none)")
     ap.add_argument("--evo-generations", type=int, default=40)
+    ap.add_argument("--name", default="matgptq", help="results name: bench/results/NAME.json and the NAME section")
     ap.add_argument("--data-dir")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
             add("gptq", b, g, score(m), sec)
         kw = {"lambdas": a.lambdas} if a.lambdas else {}
         m, sec = timed(lambda: quantize(copy.deepcopy(fp), "matgptq", precisions=a.precisions, group_size=g, calib=calib,
-                                        progress=False, **kw))
+                                        clip=a.clip, progress=False, **kw))
         for r, s in served(m, WIDTHS):
             add("matgptq", r, g, s, sec)
         if g is None and a.mix_budgets:  # Mix'n'Match on the MatGPTQ parent: greedy (per block) vs evolutionary (per layer)
@@ -172,7 +174,7 @@ def main(argv=None) -> int:
                                                 progress=False))
                 add("gptq", b, g, score(m), sec, calib_src="self")
             m, sec = timed(lambda: quantize(copy.deepcopy(fp), "matgptq", precisions=a.precisions, group_size=g,
-                                            calib=calib_self, progress=False, **kw))
+                                            calib=calib_self, clip=a.clip, progress=False, **kw))
             for r, s in served(m, WIDTHS):
                 add("matgptq", r, g, s, sec, calib_src="self")
         if a.skip_trained:
@@ -191,8 +193,8 @@ def main(argv=None) -> int:
         print(("PASS " if c[1] else "FAIL ") + c[0], flush=True)
     if a.quick:
         return 0
-    write_json("matgptq.json", rows)
-    write_section("matgptq", report(rows, checks, a, (time.perf_counter() - t_all) / 60))
+    write_json(f"{a.name}.json", rows)
+    write_section(a.name, report(rows, checks, a, (time.perf_counter() - t_all) / 60))
     return 0
 
 
@@ -240,13 +242,15 @@ def report(rows, checks, a, minutes) -> str:
                      f"{cell(r, 'c4')} | {r['ppl_wikitext2']:.3f} | {cell(r, 'wikitext2')} | {sec} |")
     lam = a.lambdas or "the method's default"
     note = (f"ref-10m, FFN + attention (all 70 Linears of the 10 blocks), asymmetric MinMax int8 parent; {a.n_calib} × 256 C4 "
-            f"training tokens shared by every calibrated row; MatGPTQ precisions {a.precisions}, λ {lam}; MatQuant QAT "
+            f"training tokens shared by every calibrated row; MatGPTQ precisions {a.precisions}, λ {lam}, slice-aware clip "
+            f"{'on' if a.clip else 'off'} (GPTQ rows: plain, no clip); MatQuant QAT "
             f"{a.qat_steps} steps × 4 × 256 tokens, OmniQuant {a.omni_steps} steps per block on 64 of the calibration "
             f"sequences (R = 8, 4, 2; int3 interpolated). Perplexity on the first {a.limit} windows × 256 tokens of each text; "
             f"Δ NLL = row − FP (nats/token) with its paired bootstrap 95 % interval over those windows; “≈ FP” = the interval "
             f"contains 0. Run time {minutes:.1f} min.\n\n"
             + "\n".join(("- PASS " if ok else "- **FAIL** ") + t for t, ok in checks) + "\n")
-    return header("Matryoshka GPTQ", note) + "\n" + "\n".join(lines)
+    title = "Matryoshka GPTQ" + ("" if a.name == "matgptq" else f" ({a.name})")
+    return header(title, note) + "\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":
