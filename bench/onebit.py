@@ -273,7 +273,7 @@ def main(argv=None) -> int:
                 save_quantized(m, tok, Path(args.save_dir) / f"{name}-{run}",
                                quantization_config(method, m.bitnest_method[1], str(spec["path"])),
                                storage_dtype=storage, overwrite=True)
-            emit({**common, "run": run, "method": method, "init": over.get("init", "none"),
+            emit({**common, "run": run, "method": method, "init": getattr(m.bitnest_method[1], "init", "none"),
                   "hidden_loss": over["hidden_loss"], "post_ln": getattr(m.bitnest_method[1], "post_ln", None),
                   "train_embeddings": over.get("train_embeddings", False),
                   "steps": tr.steps, "lr": args.lr, "batch": args.batch, "seq_len": seq_len,
