@@ -371,16 +371,9 @@ def _finish(part: Path, state: dict, n: int, model: nn.Module, qc: dict, src: Pa
 
 def _publish(part: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished `part` to `out` (replacing a checkpoint there only with overwrite)."""
-    from .formats.checkpoint import _publishable, _remove, check_output
+    from .formats.checkpoint import check_output, swap_in
 
     check_output(out, overwrite)
     for f in (PROGRESS, "lock"):  # the last moment: a run killed before here resumes, after here finds `out`
         (part / f).unlink(missing_ok=True)
-    _publishable(part)
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(part, out)
-        _remove(old)
-    else:
-        os.replace(part, out)
+    swap_in(part, out)

@@ -189,18 +189,24 @@ def atomic_dir(out: Path, overwrite: bool):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         try:
             yield tmp
-            _publishable(tmp)
-            if out.exists() or out.is_symlink():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                _remove(old)
-            else:
-                os.replace(tmp, out)
+            swap_in(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return cm()
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """Publish the finished directory `tmp` as `out`: checked publishable, then renamed over any old `out` (moved aside
+    first and removed after, so `out` is always either the old or the new checkpoint)."""
+    _publishable(tmp)
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        _remove(old)
+    else:
+        os.replace(tmp, out)
 
 
 def _publishable(tmp: Path) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BitnestError
+from .nested import MultiWidth, slice_codes
 
 STORE_DTYPE = torch.float16  # dtype of α and z on disk; 16 bits each per group in bits accounting
 
@@ -156,7 +157,6 @@ class AffineGrid:
     every slice in `widths` (grids/nested.MultiWidth) and the feedback sees their λ-mean reconstruction."""
 
     def __init__(self, spec: AffineSpec, serve_bits: int | None = None, widths=None, lambdas=None):
-        from .nested import MultiWidth
         self.spec, self.r = spec, serve_bits or spec.bits
         self.multi = None if widths is None else MultiWidth(spec.bits, widths, lambdas)
 
@@ -177,7 +177,6 @@ class AffineGrid:
         return torch.round(w / a + zz).clamp_(0, self.spec.qmax)  # (out,) codes as float, as `quantize`
 
     def dequantize(self, q: torch.Tensor, p) -> torch.Tensor:
-        from .nested import slice_codes
         a, zz = p
         if self.multi is not None:
             return a * (self.multi.mean(q) - zz)  # (out,) the λ-mean of the slices' reconstructions
