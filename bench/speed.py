@@ -8,7 +8,7 @@ Layers (out × in = 4096×4096, 11008×4096, 4096×11008; batch 1, 16 and a 512-
 F.linear, every bitnest format with fp32 and bf16 activations, and the peers that run on this CPU (torch's own
 int8/int4 weight-only ops with bf16 activations, torchao Int8WeightOnly and IntxWeightOnly, HQQ, optimum-quanto;
 llama.cpp is not installed here). Each row's time is the median over interleaved repeats (every row once per
-repeat, in turn). At batch 1 and 16 every row cycles through copies of its weight totalling ≥ 256 MB, so each
+repeat, in a shuffled order). At batch 1 and 16 every row cycles through copies of its weight totalling ≥ 256 MB, so each
 call reads its weight from memory as a decoding model does (a 16 MB weight would otherwise sit in the 32 MB L3);
 `speedup_fp32` = fp32 F.linear time ÷ the row's time, and at batch 1 the row's fraction of the roofline, its
 weight bytes ÷ the machine's measured read bandwidth.
@@ -237,14 +237,21 @@ def peer_formats(W: torch.Tensor) -> dict[str, tuple[torch.nn.Module, dict]]:
 
 
 def time_rows(rows: list[dict], reps: int) -> None:
-    """Interleaved repeats: every row once per repeat, in turn; row['us'] = the median."""
+    """Interleaved repeats: every row once per repeat, in a shuffled order (seeded by the repeat); row['us'] = the
+    median. A fixed order measured a row differently by what ran before it: the same int8 kernel right after bf16
+    F.linear took 20–40 % longer than one row later (the OpenMP worker falls asleep while torch's GEMV runs and
+    the next parallel region pays its wake-up; GOMP_SPINCOUNT=1e8 removed most of the gap), so no row may always
+    sit in that slot."""
+    import random
     with torch.inference_mode():
         for r in rows:  # warm-up: every copy once (kernel builds, first-use work, page faults)
             for i in range(r["copies"]):
                 r["fn"](i)
         times = {id(r): [] for r in rows}
         for rep in range(reps):
-            for r in rows:
+            order = list(rows)
+            random.Random(rep).shuffle(order)
+            for r in order:
                 t = time.perf_counter()
                 r["fn"](rep)
                 times[id(r)].append(time.perf_counter() - t)
