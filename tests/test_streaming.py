@@ -188,8 +188,6 @@ print(json.dumps({'base': base, 'peak': max(peak[0], status('RssAnon'))}))
 """
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue 15): anonymous memory growth measured 156–160 MiB on a quiet machine "
-                   "against the bound of one fp32 block (49 MiB) + 64 MiB; 65 MiB when the streaming path landed — to bisect")
 def test_peak_memory_is_one_block_not_the_model(tmp_path):
     """8 layers of hidden 1024 (the in-memory path holds 8 blocks + embeddings in float32, ≈ 0.5 GB): the
     streaming run's peak RSS grows by at most one block in float32 plus a fixed overhead."""

@@ -91,6 +91,21 @@ class _Source:
         return out
 
 
+def _fixed_mmap_threshold(nbytes: int = 128 << 10) -> None:
+    """glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MiB); after the first
+    weight is freed, tensors of a weight's size come from the heap, and freed heap memory mostly stays in the
+    process. Streaming an 8-block model grew anonymous memory by 128–159 MiB that way, 48 MiB with the threshold
+    fixed: every large tensor then goes back to the OS when freed, so the peak is one block, not the history of
+    fragmentation. Process-wide (what a streaming run wants); a no-op where libc has no mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def _meta_model(src: Path):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -252,6 +267,7 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
     if not isinstance(blocks_per_shard, int) or blocks_per_shard < 1:
         raise BitnestError(f"blocks_per_shard must be a positive integer, got {blocks_per_shard!r}")
     config = config or make_config(method, **kwargs)
+    _fixed_mmap_threshold()
     src_path, out = Path(src), Path(out)
     out = check_output(out, overwrite)
     source = _Source(src_path)
