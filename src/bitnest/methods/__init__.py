@@ -81,4 +81,4 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
-from . import rtn, sliced, gptq, onebit, bitnet, clip, kmeans, actquant, mixed, matquant, lpfit  # noqa: E402,F401  (registration side effects)
+from . import rtn, sliced, gptq, onebit, bitnet, clip, kmeans, actquant, mixed, matryoshka, lpfit  # noqa: E402,F401  (registration side effects)

@@ -50,7 +50,7 @@ from ..train.data import Batches
 from ..train.distill import frozen_copy
 from ..train.loop import SCHEDULES, TrainResult, train
 from ..train.losses import KD_KINDS, kd_loss
-from . import QuantConfig, register
+from . import QuantConfig
 
 FLAVOURS = ("qat", "omniquant")
 PAPER_PRECISIONS = (8, 4, 2)
@@ -388,17 +388,6 @@ def run_qat(model: nn.Module, config: MatQuantConfig, names: list[str], *, calib
         p.requires_grad_(trainable_before.get(n, False))
     model.eval()
     return result
-
-
-@register("matquant", MatQuantConfig)
-def matquant(model, config: MatQuantConfig, names: list[str], progress: bool = True, calib=None, **_) -> None:
-    """calib: optional (N, T) token ids to train / calibrate on instead of config.calib_data."""
-    if config.flavour == "qat":
-        result = run_qat(model, config, names, calib=calib, progress=progress)
-    else:
-        from .omniquant import run_omniquant
-        result = run_omniquant(model, config, names, calib=calib, progress=progress)
-    model.bitnest_train = result  # history / tokens / seconds, for reports and benchmarks
 
 
 __all__ = ["CoDistill", "MatQuantConfig", "MatQuantLoss", "Plan", "convert", "parse_bits", "parse_codistill",
