@@ -357,6 +357,31 @@ def test_adaptive_policy_steps_with_hysteresis():
     assert mem.tick(Signals(0, 0, 200), now=0.0).label == "int4" and "RSS" in mem.changes[0]["reason"]
 
 
+def test_measured_ladder_keeps_only_faster_rungs():
+    from bitnest.serve.policy import measured_ladder
+    from bitnest.serve.precision import Precision
+
+    c = [Precision(bits=b) for b in (8, 4, 3, 2)]
+    lab = lambda ps: [p.label for p in ps]  # noqa: E731
+    # a 10M model on a CPU: int4 no faster than int8, int2 clearly faster
+    assert lab(measured_ladder(c, {"int8": 10.0, "int4": 10.5, "int3": 9.5, "int2": 7.0})) == ["int8", "int2"]
+    # batched int2 slower than int4 (a 1.1B model at 8 rows here): int2 dropped
+    assert lab(measured_ladder(c, {"int8": 300, "int4": 190, "int3": 185, "int2": 200})) == ["int8", "int4"]
+    assert lab(measured_ladder(c, {"int8": 4, "int4": 3, "int3": 2.5, "int2": 2})) == ["int8", "int4", "int3", "int2"]
+
+
+def test_auto_ladder_is_measured_at_start(ckpt):
+    from bitnest.serve import make_server
+
+    srv = make_server(str(ckpt), policy="adaptive", max_batch=4)
+    pol = srv.engine.policy
+    assert set(pol.step_ms) == {"int8", "int4", "int3", "int2"} and all(v > 0 for v in pol.step_ms.values())
+    assert pol.ladder[0].label == "int8" and srv.engine.serving.label == "int8"
+    kept = [p.label for p in pol.ladder]
+    for a, b in zip(kept, kept[1:]):  # every kept rung is measured faster than the one above it
+        assert pol.step_ms[b] < 0.9 * pol.step_ms[a]
+
+
 def test_precision_names_parse():
     from bitnest.serve.precision import parse
     assert parse(4) == parse("4") == parse("int4") == parse(" INT4 ")

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--policy", choices=("fixed", "adaptive"), default="fixed",
                    help="precision for requests that name none: fixed (--precision) or adaptive (by load)")
     v.add_argument("--precision", help="the fixed policy's precision (default: the width the checkpoint was saved to serve, as bitnest generate serves it), e.g. int4 or mix-3.5")
-    v.add_argument("--ladder", help="adaptive: precisions from widest to narrowest (default 8,4,2)")
+    v.add_argument("--ladder", help="adaptive: precisions from widest to narrowest, e.g. 8,4,2; default auto: the parent and "
+                   "every narrower width measured faster on a batched decode step at start-up")
     v.add_argument("--slo-ms", type=float, help="adaptive: p90 time-to-first-token target; above it precision steps down")
     v.add_argument("--max-queue", type=int, default=8, help="adaptive: waiting + running requests above which precision steps down")
     v.add_argument("--max-memory-mb", type=float, help="adaptive: process RSS above which precision steps down")

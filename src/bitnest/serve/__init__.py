@@ -33,7 +33,7 @@ def make_server(model_path: str, *, policy: str = "fixed", precision=None, ladde
     from .app import Server
     from .engine import Engine
     from .metrics import Metrics
-    from .policy import Adaptive, Fixed
+    from .policy import Adaptive, Fixed, measured_ladder
     from .precision import Capabilities, parse
 
     if policy not in ("fixed", "adaptive"):
@@ -66,7 +66,8 @@ def make_server(model_path: str, *, policy: str = "fixed", precision=None, ladde
         if not caps.switchable:
             raise BitnestError("--policy adaptive needs a Matryoshka checkpoint (sliced or matquant): this one serves "
                                f"only {caps.own.label}")
-        steps = ladder.split(",") if ladder else [str(b) for b in (caps.parent, 4, 2) if b <= caps.parent]
+        auto = ladder in (None, "auto")
+        steps = [str(b) for b in (caps.parent, 4, 3, 2) if b <= caps.parent] if auto else ladder.split(",")
         rungs = list(dict.fromkeys(checked(s.strip()) for s in steps))
         pol = Adaptive(rungs, max_queue=max_queue, slo_ms=slo_ms,
                        max_memory=int(max_memory_mb * 2**20) if max_memory_mb else None,
@@ -75,6 +76,15 @@ def make_server(model_path: str, *, policy: str = "fixed", precision=None, ladde
         pol = Fixed(checked(precision) if precision is not None else (caps.loaded or caps.own))
     engine = Engine(model, loaded.tokenizer, caps, pol, max_batch=max_batch, cache_slices=cache_slices,
                     metrics=Metrics(), switch_after_s=switch_after_s)
+    if policy == "adaptive" and auto:
+        batch = max(1, max_batch // 2)
+        secs = {p.label: engine.step_seconds(p, batch) for p in pol.ladder}
+        pol.step_ms = {k: round(v * 1e3, 2) for k, v in secs.items()}
+        pol.ladder = measured_ladder(pol.ladder, secs)
+        engine._switch(pol.ladder[0], initial=True)
+        logging.getLogger("bitnest.serve").warning(
+            "bitnest serve: adaptive ladder %s (decode step at batch %d: %s)", " → ".join(p.label for p in pol.ladder),
+            batch, ", ".join(f"{k} {v:.0f} ms" for k, v in pol.step_ms.items()))
     name = name or Path(loaded.source).name.removesuffix(".bin")
     return Server(engine, name, api_key=api_key, budgets=tuple(budgets))
 

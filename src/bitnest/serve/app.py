@@ -198,7 +198,8 @@ def build_app(server: Server) -> FastAPI:
         server.check_key(request)
         pol = eng.policy
         return {"policy": pol.name, "current": pol.current.label, "serving": eng.serving.label,
-                "ladder": [p.label for p in getattr(pol, "ladder", [pol.current])], "changes": pol.changes[-200:],
+                "ladder": [p.label for p in getattr(pol, "ladder", [pol.current])],
+                "step_ms": getattr(pol, "step_ms", {}), "changes": pol.changes[-200:],
                 "switches": eng.switches[-200:], "queue": eng.queue_depth}
 
     @app.post("/v1/completions")

@@ -188,6 +188,27 @@ class Engine:
                 self.metrics.switch(ev)
         self.serving = p
 
+    def step_seconds(self, p: Precision, batch: int, steps: int = 5, prompt: int = 8) -> float:
+        """Median seconds of one decode step of `batch` rows at precision p (after a `prompt`-token prefill):
+        what a rung of the adaptive ladder costs under load. Call before start(); leaves p switched in."""
+        from transformers import DynamicCache
+        self._switch(p, initial=True)
+        V = self.model.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(V, (batch, prompt), generator=g)                      # (B, P)
+        mask = torch.ones(batch, prompt, dtype=torch.long)                     # (B, P)
+        pos = torch.arange(prompt).expand(batch, prompt)                       # (B, P)
+        cache = DynamicCache()
+        with torch.no_grad():
+            self._forward(x, mask, pos, cache)
+            ts = []
+            for t in range(steps + 1):  # the first step warms up (first-use work of the kernels)
+                mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], 1)  # (B, L + 1)
+                t0 = time.perf_counter()
+                self._forward(x[:, :1], mask, torch.full((batch, 1), prompt + t), cache)
+                ts.append(time.perf_counter() - t0)
+        return sorted(ts[1:])[len(ts[1:]) // 2]
+
     def _forward(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
         out = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=pos.to(self.device), use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})

@@ -2,7 +2,9 @@
 
 `fixed`: always the checkpoint's own (widest) precision.
 
-`adaptive`: a ladder of precisions, widest first (default int8 → int4 → int2 for an int8 parent). Every tick the
+`adaptive`: a ladder of precisions, widest first. By default ("auto") it is measured at start-up: the parent and
+every narrower candidate (int4, int3, int2) is timed on a decode step of half the batch limit, and a rung is kept
+only when it is at least 10 % faster than the last kept one (`measured_ladder`); `--ladder 8,4,2` fixes it. Every tick the
 engine reports three signals; the controller steps **down** one rung when any is over its limit and **up** one
 rung when all are well under, with hysteresis so it does not flap:
 
@@ -40,6 +42,7 @@ class Signals:
 @dataclass
 class Adaptive:
     ladder: list[Precision]         # widest first
+    step_ms: dict = field(default_factory=dict)  # measured decode step per candidate (ladder "auto")
     max_queue: int = 8
     slo_ms: float | None = None
     max_memory: int | None = None   # bytes
@@ -104,6 +107,17 @@ class Adaptive:
         del self.changes[:-KEEP]
         log.warning("bitnest serve: precision %s → %s (%s)", ev["from"], ev["to"], why)
         return self.current
+
+
+def measured_ladder(candidates: list[Precision], seconds: dict[str, float], gain: float = 0.9) -> list[Precision]:
+    """The rungs worth stepping down to: from the widest candidate, each next one only if its measured decode step
+    is below `gain` × the last kept rung's. Lower precision buys latency only where it is faster: on a CPU a 10M
+    model is overhead-bound (int4 no faster than int8) and batched int2 kernels can be slower than int4's."""
+    out = [candidates[0]]
+    for p in candidates[1:]:
+        if seconds[p.label] < gain * seconds[out[-1].label]:
+            out.append(p)
+    return out
 
 
 @dataclass
