@@ -8,8 +8,8 @@ Layers (out × in = 4096×4096, 11008×4096, 4096×11008; batch 1, 16 and a 512-
 F.linear, every bitnest format with fp32 and bf16 activations, and the peers that run on this CPU (torch's own
 int8/int4 weight-only ops with bf16 activations, torchao Int8WeightOnly and IntxWeightOnly, HQQ, optimum-quanto;
 llama.cpp is not installed here). Each row's time is the median over interleaved repeats (every row once per
-repeat, in a shuffled order). At batch 1 and 16 every row cycles through copies of its weight totalling ≥ 256 MB, so each
-call reads its weight from memory as a decoding model does (a 16 MB weight would otherwise sit in the 32 MB L3);
+repeat, in a shuffled order, as a burst of back-to-back calls whose first is not timed: see time_rows). At batch 1
+and 16 every row cycles through copies of its weight totalling ≥ 256 MB, so each call reads its weight from memory as a decoding model does (a 16 MB weight would otherwise sit in the 32 MB L3);
 `speedup_fp32` = fp32 F.linear time ÷ the row's time, and at batch 1 the row's fraction of the roofline, its
 weight bytes ÷ the machine's measured read bandwidth.
 
@@ -236,12 +236,16 @@ def peer_formats(W: torch.Tensor) -> dict[str, tuple[torch.nn.Module, dict]]:
 # ------------------------------------------------------------------------------------------ layer bench
 
 
-def time_rows(rows: list[dict], reps: int) -> None:
-    """Interleaved repeats: every row once per repeat, in a shuffled order (seeded by the repeat); row['us'] = the
-    median. A fixed order measured a row differently by what ran before it: the same int8 kernel right after bf16
-    F.linear took 20–40 % longer than one row later (the OpenMP worker falls asleep while torch's GEMV runs and
-    the next parallel region pays its wake-up; GOMP_SPINCOUNT=1e8 removed most of the gap), so no row may always
-    sit in that slot."""
+def time_rows(rows: list[dict], reps: int, burst: int = 1) -> None:
+    """Interleaved repeats: every row once per repeat, rows in a shuffled order (seeded by the repeat), each row a
+    burst of `burst` back-to-back calls on successive (cold) copies of its weight, the first call of a burst not
+    timed; row['us'] = the median over all timed calls.
+
+    Why bursts: a row's first call after a different kind of work measured what ran before it, not the row — the
+    same int8 kernel took 20–40 % longer right after bf16 F.linear than one row later (the OpenMP worker falls
+    asleep while single-threaded work runs and the next parallel region pays its wake-up; GOMP_SPINCOUNT=1e8
+    removed most of the gap). In a model, layers run back to back, as in a burst; the shuffled order keeps any
+    remaining neighbour effect off a fixed row."""
     import random
     with torch.inference_mode():
         for r in rows:  # warm-up: every copy once (kernel builds, first-use work, page faults)
@@ -252,9 +256,11 @@ def time_rows(rows: list[dict], reps: int) -> None:
             order = list(rows)
             random.Random(rep).shuffle(order)
             for r in order:
-                t = time.perf_counter()
-                r["fn"](rep)
-                times[id(r)].append(time.perf_counter() - t)
+                for j in range(burst):
+                    t = time.perf_counter()
+                    r["fn"](rep * burst + j)
+                    if j or burst == 1:
+                        times[id(r)].append(time.perf_counter() - t)
     for r in rows:
         r["us"] = statistics.median(times[id(r)]) * 1e6
 
@@ -309,7 +315,7 @@ def layer_bench(shapes, batches, reps_by_batch, bandwidth: float) -> tuple[list[
             for name, (make, meta) in peers.items():
                 m = make()
                 add(name, meta["library"], meta["format"], meta["group_size"], meta["bits"], meta["act"], m, tensor_bytes(m), make)
-            time_rows(rows, reps_by_batch[batch])
+            time_rows(rows, *reps_by_batch[batch])
             fp32 = next(r["us"] for r in rows if r["label"] == "fp32 F.linear")
             bf16 = next(r["us"] for r in rows if r["label"] == "bf16 F.linear")
             for r in rows:
@@ -647,7 +653,7 @@ def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
     env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY"))
     lines = [header("Speed: packed layers and whole models", f"Threads: {torch.get_num_threads()} ({env}); run time {seconds / 60:.1f} min."
                     "\n\nWhat is measured and how: see `bench/speed.py`'s docstring. Speed-ups are ratios measured "
-                    "side by side in this run (medians over interleaved repeats; cold weights at batch 1 and 16).")]
+                    "side by side in this run (medians over interleaved, shuffled repeats of back-to-back bursts; cold weights at batch 1 and 16).")]
     lines.append(f"Machine read bandwidth (C++ streaming read of 1 GiB, both cores): **{bandwidth:.1f} GB/s**.\n")
     if layer_rows:
         for shape in dict.fromkeys(r["shape"] for r in layer_rows):
@@ -712,7 +718,7 @@ def main():
     layer_rows, e2e_rows, notes = [], [], []
     if not args.e2e_only:
         shapes = SHAPES[:1] if args.quick else SHAPES
-        reps = {1: 15, 16: 9, 512: 3} if args.quick else {1: 41, 16: 21, 512: 5}
+        reps = {1: (5, 4), 16: (3, 4), 512: (3, 1)} if args.quick else {1: (14, 4), 16: (7, 4), 512: (5, 1)}  # (repeats, burst)
         layer_rows, notes = layer_bench(shapes, BATCHES, reps, bw)
     kept = ""
     if not args.layers_only:
