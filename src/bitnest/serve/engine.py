@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import statistics
 import threading
 import time
 import uuid
@@ -207,7 +208,7 @@ class Engine:
                 t0 = time.perf_counter()
                 self._forward(x[:, :1], mask, torch.full((batch, 1), prompt + t), cache)
                 ts.append(time.perf_counter() - t0)
-        return sorted(ts[1:])[len(ts[1:]) // 2]
+        return statistics.median(ts[1:])
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
         out = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device),
