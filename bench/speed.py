@@ -9,7 +9,8 @@ F.linear, every bitnest format with fp32 and bf16 activations, and the peers tha
 int8/int4 weight-only ops with bf16 activations, torchao Int8WeightOnly and IntxWeightOnly, HQQ, optimum-quanto;
 llama.cpp is not installed here). Each row's time is the median over interleaved repeats (every row once per
 repeat, in a shuffled order, as a burst of back-to-back calls whose first is not timed: see time_rows). At batch 1
-and 16 every row cycles through copies of its weight totalling ≥ 256 MB, so each call reads its weight from memory as a decoding model does (a 16 MB weight would otherwise sit in the 32 MB L3);
+and 16 every row cycles through copies of its weight totalling ≥ 256 MB, so each call reads its weight from memory
+as a decoding model does (a 16 MB weight would otherwise sit in the 32 MB L3);
 `speedup_fp32` = fp32 F.linear time ÷ the row's time, and at batch 1 the row's fraction of the roofline, its
 weight bytes ÷ the machine's measured read bandwidth.
 
@@ -653,7 +654,8 @@ def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
     env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY"))
     lines = [header("Speed: packed layers and whole models", f"Threads: {torch.get_num_threads()} ({env}); run time {seconds / 60:.1f} min."
                     "\n\nWhat is measured and how: see `bench/speed.py`'s docstring. Speed-ups are ratios measured "
-                    "side by side in this run (medians over interleaved, shuffled repeats of back-to-back bursts; cold weights at batch 1 and 16).")]
+                    "side by side in this run (medians over interleaved, shuffled repeats of back-to-back bursts; "
+                    "cold weights at batch 1 and 16).")]
     lines.append(f"Machine read bandwidth (C++ streaming read of 1 GiB, both cores): **{bandwidth:.1f} GB/s**.\n")
     if layer_rows:
         for shape in dict.fromkeys(r["shape"] for r in layer_rows):
