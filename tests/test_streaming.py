@@ -78,8 +78,58 @@ def test_streaming_equals_in_memory(method, kw, which, tiny_tied, tiny_untied, t
     assert torch.equal(la, lb)
 
 
+CALIB = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(3))  # (n, seq) token ids
+CALIBRATED_CASES = [("gptq", {"bits": 4, "group_size": 32}), ("matgptq", {"bits": 2}), ("clip", {"bits": 3}),
+                    ("kmeans", {"bits": 3, "weighted": True})]
+
+
+@pytest.mark.parametrize("method,kw", CALIBRATED_CASES, ids=[c[0] for c in CALIBRATED_CASES])
+def test_calibrated_streaming_equals_in_memory(method, kw, tiny_untied, tmp_path):
+    """GPTQ-family methods stream block by block (the method's own loop, fed from the file) and give the same bytes
+    as the in-memory run on the same calibration tokens."""
+    a = quantize_streaming(tiny_untied, tmp_path / "stream", method, progress=False, calib=CALIB, blocks_per_shard=2, **kw)
+    loaded = load_model(tiny_untied)
+    config = make_config(method, **kw)
+    quantize(loaded.model, method, config, progress=False, calib=CALIB)
+    b = save_quantized(loaded.model, loaded.tokenizer, tmp_path / "memory", quantization_config(method, config, loaded.source),
+                       storage_dtype=loaded.storage_dtype)
+    sa, sb = _read_state(a), _read_state(b)
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    assert not list(a.glob("acts-*"))  # the calibration activations kept for a resume are gone
+
+
 class _Stop(Exception):
     pass
+
+
+def test_interrupted_calibrated_run_resumes_at_the_next_block(tiny_untied, tmp_path):
+    kw = dict(bits=4, group_size=32, calib=CALIB, progress=False)
+    ref = quantize_streaming(tiny_untied, tmp_path / "ref", "gptq", **kw)
+    seen, resumed = [], []
+
+    def stop_at_block_1(i, n):
+        seen.append(i)
+        if i == n - 2:  # the second-to-last shard: block 1 of 3
+            raise _Stop
+
+    out = tmp_path / "out"
+    with pytest.raises(_Stop):
+        quantize_streaming(tiny_untied, out, "gptq", on_shard=stop_at_block_1, **kw)
+    assert len(list((tmp_path / ".out.partial").glob("acts-*.safetensors"))) == 1  # the resume point
+    with pytest.raises(BitnestError, match="calib_sha1"):  # other calibration tokens: refused, not mixed
+        quantize_streaming(tiny_untied, out, "gptq", **{**kw, "calib": CALIB[:4]})
+    quantize_streaming(tiny_untied, out, "gptq", on_shard=lambda i, n: resumed.append(i), **kw)
+    assert resumed == [seen[-1] + 1]  # only the last block was calibrated again
+    assert _files(out) == _files(ref)
+
+
+def test_streaming_refuses_self_generated_calibration(tiny_untied, tmp_path):
+    with pytest.raises(BitnestError, match="self-generated"):
+        quantize_streaming(tiny_untied, tmp_path / "o", "gptq", progress=False, bits=4, calib_data="generate")
+    assert not (tmp_path / "o").exists()
 
 
 def test_interrupted_run_resumes_bit_identical(tiny_untied, tmp_path):
@@ -137,6 +187,8 @@ def test_changed_recipe_is_refused_then_overwrite_restarts(tiny_untied, tmp_path
 
 def test_bad_input_is_one_line(tiny_untied, tmp_path):
     with pytest.raises(BitnestError, match="cannot stream"):
+        quantize_streaming(tiny_untied, tmp_path / "o", "mixed")
+    with pytest.raises(BitnestError, match="no tokenizer"):
         quantize_streaming(tiny_untied, tmp_path / "o", "gptq")
     with pytest.raises(BitnestError, match="already exists"):
         quantize_streaming(tiny_untied, tmp_path, "rtn")
@@ -182,7 +234,11 @@ def sample():
 base = status('RssAnon')
 t = threading.Thread(target=sample, daemon=True)
 t.start()
-quantize_streaming(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, **json.loads(sys.argv[4]))
+kw = json.loads(sys.argv[4])
+if 'calib_random' in kw:  # (n, seq, vocab): random token ids (the synthetic checkpoints have no tokenizer)
+    n, seq, vocab = kw.pop('calib_random')
+    kw['calib'] = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(0))
+quantize_streaming(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, **kw)
 done.set(); t.join()
 print(json.dumps({'base': base, 'peak': max(peak[0], status('RssAnon'))}))
 """
@@ -190,7 +246,8 @@ print(json.dumps({'base': base, 'peak': max(peak[0], status('RssAnon'))}))
 
 def test_peak_memory_is_one_block_not_the_model(tmp_path):
     """8 layers of hidden 1024 (the in-memory path holds 8 blocks + embeddings in float32, ≈ 0.5 GB): the
-    streaming run's peak RSS grows by at most one block in float32 plus a fixed overhead."""
+    streaming run's peak RSS grows by at most one block in float32 plus a fixed overhead (GPTQ: plus one block's
+    calibration inputs and outputs and the Hessian statistics of its widest layer)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from scale import write_synthetic_llama
 
@@ -200,14 +257,19 @@ def test_peak_memory_is_one_block_not_the_model(tmp_path):
     block_fp32 = 4 * (4 * hidden * hidden + 3 * hidden * inter)
     model_fp32 = layers * block_fp32 + 4 * 2 * vocab * hidden
     overhead = 64 << 20  # quantizer temporaries and the output shard being written
-    for method, kw in (("rtn", {"bits": 4, "group_size": 128}),):
+    n, seq = 8, 64
+    acts = n * seq * hidden * 4  # one block's calibration inputs (float32)
+    stats = 3 * inter * inter * 4  # GPTQ on down_proj: H, its Cholesky inverse and a temporary, (in, in) float32
+    for method, kw in (("rtn", {"bits": 4, "group_size": 128}),
+                       ("gptq", {"bits": 4, "group_size": 128, "calib_random": [n, seq, vocab]})):
         r = subprocess.run([sys.executable, "-c", MEMORY_WORKER, str(src), str(tmp_path / method), method, json.dumps(kw)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
         m = json.loads(r.stdout.strip().splitlines()[-1])
         growth = m["peak"] - m["base"]
-        assert growth <= block_fp32 + overhead, (method, growth >> 20, block_fp32 >> 20)
-        assert growth < model_fp32 / 3
+        bound = block_fp32 + overhead + (2 * acts + stats if method == "gptq" else 0)  # inputs and outputs of a block
+        assert growth <= bound, (method, growth >> 20, bound >> 20)
+        assert growth < model_fp32 / (3 if method == "rtn" else 2)  # in memory: the model + the same statistics
 
 
 def test_cli_stream(tiny_untied, tmp_path, capsys):
@@ -220,6 +282,9 @@ def test_cli_stream(tiny_untied, tmp_path, capsys):
     ref = _in_memory(tiny_untied, tmp_path / "ref", "sliced", bits=4)
     sa, sb = _read_state(out), _read_state(ref)
     assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert main(["quantize", "--model", str(tiny_untied), "--method", "gptq", "--stream", "--out", str(tmp_path / "g")]) == 2
+    assert main(["quantize", "--model", str(tiny_untied), "--method", "mixed", "--stream", "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bitnest: error:") and "cannot stream" in err[0]
+    assert main(["quantize", "--model", str(tiny_untied), "--method", "gptq", "--stream", "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tokenizer" in err[0] and not (tmp_path / "g").exists()

@@ -16,16 +16,26 @@ quantized alone by the method's own registered function (the same code, names an
               built by the same helpers as `save_quantized`) and the tokenizer written, then `.OUT.partial`
               renamed to OUT
 
-Memory: one Linear's weight in float32 plus its quantization temporaries, one shard of packed output, and a
-fixed overhead (torch, transformers, the meta model) — whatever the model's size; the bound tested is "≤ the
+Calibrated methods (GPTQ, Matryoshka GPTQ, clip, weighted k-means) run their own block loop (calib.driver.blockwise)
+on the meta model while this module feeds it: the embeddings are read for the capture of block 0's inputs and
+dropped, block i is read in float32 just before the method sees it, and when a shard's blocks are done they are
+written, the block goes back to the meta device, and the calibration activations that feed the next block are
+saved beside the shard (`acts-*.safetensors`), so a resumed run continues at the next block bit-identically.
+
+Memory: one Linear's weight in float32 plus its quantization temporaries (calibrated: one block in float32, the
+calibration activations and one group's statistics), one shard of packed output, and a fixed overhead (torch, transformers, the meta model) — whatever the model's size; the bound tested is "≤ the
 largest block in float32 + overhead".
 """
 from __future__ import annotations
 
+import copy
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +44,9 @@ from torch import nn
 
 from .errors import BitnestError
 
-STREAMABLE = ("rtn", "sliced")  # data-free, one Linear at a time
+DATA_FREE = ("rtn", "sliced", "lpfit", "nf", "log", "kmeans")  # one Linear at a time (kmeans: unweighted)
+CALIBRATED = ("gptq", "matgptq", "clip", "kmeans")  # block by block on calibration text (kmeans: weighted=true)
+STREAMABLE = tuple(dict.fromkeys(DATA_FREE + CALIBRATED))
 PROGRESS = "progress.json"
 _STREAM_VERSION = 1
 
@@ -115,7 +127,7 @@ def _meta_model(src: Path):
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.tie_weights()  # on the meta device tying is not done by from_config; tied tensors are stored once
-        return model
+        return model.eval()  # as from_pretrained gives it (calibrated methods run its blocks)
     except Exception as e:  # noqa: BLE001 — transformers raises anything on a bad config
         raise BitnestError(f"could not build the model described by {src}/config.json: {str(e).splitlines()[0]}") from None
 
@@ -204,8 +216,10 @@ def _quantize_linear(model: nn.Module, name: str, src: _Source, method: str, con
 
 
 def _shard_state(model: nn.Module, keys: list[str], targets: set[str], src: _Source, method: str, config,
-                 storage: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The output tensors of one shard and the layer configs of its packed modules."""
+                 storage: torch.dtype, quantized: Callable[[str], nn.Module] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The output tensors of one shard and the layer configs of its packed modules. `quantized(name)`: the packed
+    module of target `name` (default: quantize it now, data-free); other tensors are copied from the file."""
     state, modules, done = {}, {}, set()
     for k in keys:
         owner = k.rpartition(".")[0]
@@ -213,7 +227,7 @@ def _shard_state(model: nn.Module, keys: list[str], targets: set[str], src: _Sou
             if owner in done:
                 continue
             done.add(owner)
-            q = _quantize_linear(model, owner, src, method, config)
+            q = quantized(owner) if quantized else _quantize_linear(model, owner, src, method, config)
             keep = set(getattr(q, "keep_dtype", ("scale", "zero")))
             for b, t in q.state_dict().items():
                 if t.is_floating_point() and b not in keep:
@@ -246,12 +260,13 @@ def _write_json(path: Path, obj) -> None:
 
 def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: str = "rtn", config=None, *,
                        overwrite: bool = False, progress: bool = True, blocks_per_shard: int = 1,
-                       on_shard: Callable[[int, int], None] | None = None, **kwargs) -> Path:
+                       on_shard: Callable[[int, int], None] | None = None, calib=None, **kwargs) -> Path:
     """Quantize the HF safetensors checkpoint `src` into the bitnest checkpoint `out` without building the model.
 
     `method`: one of STREAMABLE; `config` or keyword options as for `quantize` (bits, group_size, symmetric,
     targets, overrides, ...). Rerunning the same call after an interruption resumes at the next unfinished shard.
     `on_shard(i, n)` is called after shard i of n is durably written (progress reporting; tests interrupt here).
+    Calibrated methods read `calib` ((n, seq) token ids) or build it from the config's calib_data (text only).
 
     >>> quantize_streaming("Llama-2-13b-hf", "llama-13b-int4", "rtn", bits=4, group_size=128)
     """
@@ -267,6 +282,7 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
     if not isinstance(blocks_per_shard, int) or blocks_per_shard < 1:
         raise BitnestError(f"blocks_per_shard must be a positive integer, got {blocks_per_shard!r}")
     config = config or make_config(method, **kwargs)
+    calibrated = method in CALIBRATED and (method != "kmeans" or getattr(config, "weighted", False))
     _fixed_mmap_threshold()
     src_path, out = Path(src), Path(out)
     out = check_output(out, overwrite)
@@ -274,13 +290,19 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
     model = _meta_model(src_path)
     keys = _unique_keys(model)
     _check_keys(source, model, keys)
-    targets = set(select_linears(model, config.targets))
+    names = select_linears(model, config.targets)
+    targets = set(names)
     shards = _plan(model, keys, source, blocks_per_shard)
     storage = source.storage_dtype
+    n_rest = len(shards) - len(_block_shards(model, blocks_per_shard))  # shards before the first block's
+    if calibrated:
+        calib = _stream_calib(model, method, config, calib, src_path)
 
     recipe = {"stream_version": _STREAM_VERSION, "source": str(src_path.absolute()), "files": source.fingerprint(),
               "method": method, "config": config.to_dict(), "storage_dtype": str(storage), "shards": len(shards),
               "blocks_per_shard": blocks_per_shard}
+    if calibrated:  # another calibration set would make the finished blocks and the next ones disagree
+        recipe["calib_sha1"] = hashlib.sha1(calib.numpy().tobytes()).hexdigest()
     part = out.parent / f".{out.name}.partial"
     part.mkdir(parents=True, exist_ok=True)
     lock = open(part / "lock", "a")
@@ -293,18 +315,29 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
         todo = [i for i in range(len(shards)) if str(i) not in state["done"]]
         bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"stream {method}", disable=not progress)
         for i in todo:
+            if calibrated and i >= n_rest:
+                break  # the block shards: written by the method's own block loop, below
             tensors, modules = _shard_state(model, shards[i], targets, source, method, config, storage)
-            f = part / f"shard-{i:05d}.safetensors"
-            _save(tensors, f)
-            state["done"][str(i)] = {"file": f.name, "keys": list(tensors),
-                                     "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-                                     "modules": modules}
+            _commit(part, state, i, tensors, modules)
             del tensors
-            _write_json(part / PROGRESS, state)
             bar.update(1)
             if on_shard is not None:
                 on_shard(i, len(shards))
+        if calibrated and any(str(i) not in state["done"] for i in range(n_rest, len(shards))):
+            from .calib.driver import block_stream
+            from .methods import get_method
+
+            feed = _BlockStream(source, part, state, shards, n_rest, blocks_per_shard, targets, method, config, storage,
+                                bar, on_shard)
+            token = block_stream.set(feed)
+            try:
+                with torch.no_grad():
+                    get_method(method).fn(model, config, names, progress=False, calib=calib)
+            finally:
+                block_stream.reset(token)
         bar.close()
+        for f in part.glob("acts-*.safetensors"):  # calibration activations: needed only to resume the block loop
+            f.unlink()
 
         order = [n for n, _ in model.named_modules()]
         mods = {n: lc for s in state["done"].values() for n, lc in s["modules"].items()}
@@ -320,6 +353,143 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
         if lock is not None:
             lock.close()
     return out
+
+
+def _commit(part: Path, state: dict, i: int, tensors: dict[str, torch.Tensor], modules: dict, **extra) -> None:
+    """Shard i durably written, then recorded in progress.json (the commit point: a run killed before it redoes i)."""
+    f = part / f"shard-{i:05d}.safetensors"
+    _save(tensors, f)
+    state["done"][str(i)] = {"file": f.name, "keys": list(tensors),
+                             "bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "modules": modules,
+                             **extra}
+    _write_json(part / PROGRESS, state)
+
+
+def _block_shards(model: nn.Module, blocks_per_shard: int) -> list[range]:
+    from .models.blocks import get_blocks
+
+    n = len(get_blocks(model)[1])
+    return [range(i, min(n, i + blocks_per_shard)) for i in range(0, n, blocks_per_shard)]
+
+
+def _stream_calib(model: nn.Module, method: str, config, calib, src: Path) -> torch.Tensor:
+    """The calibration tokens, built before any block is read. Self-generated calibration needs the whole model
+    running, which a streaming run never has."""
+    from .calib.data import as_calib, tokenizer_of
+
+    if calib is None and (config.calib_data == "generate" or
+                          (config.calib_data == "auto" and tokenizer_of(model) is None)):
+        raise BitnestError(f"streaming {method} calibrates on text, and {src} has no tokenizer next to its weights "
+                           "to read it with; pass calibration token ids (calib=) from Python"
+                           if config.calib_data == "auto" else
+                           f"streaming {method} cannot calibrate on self-generated text (it never runs the whole "
+                           "model); pass --calib-data c4 or a .txt/.jsonl file")
+    return as_calib(calib, model, config)
+
+
+class _BlockStream:
+    """calib.driver.blockwise for a model that is never built: the embeddings are read for the capture of block 0's
+    inputs, block i is read (float32, as load_model gives it) just before the method's `process` sees it, and each
+    finished shard is written with the activations that feed the next block, then its blocks go back to meta."""
+
+    def __init__(self, src: _Source, part: Path, state: dict, shards: list[list[str]], n_rest: int, per_shard: int,
+                 targets: set[str], method: str, config, storage: torch.dtype, bar, on_shard):
+        self.src, self.part, self.state, self.shards, self.n_rest = src, part, state, shards, n_rest
+        self.per_shard, self.targets, self.method, self.config, self.storage = per_shard, targets, method, config, storage
+        self.bar, self.on_shard = bar, on_shard
+        done = [j for j in range(n_rest, len(shards)) if str(j) in state["done"]]
+        if done != list(range(n_rest, n_rest + len(done))):
+            raise BitnestError(f"{part}: the finished block shards are not contiguous; delete it and run again")
+        self.start = len(done) * per_shard  # the first block to calibrate
+        self.acts = state["done"][str(done[-1])].get("acts") if done else None
+
+    def blockwise(self, model, prefix, blocks, calib, process, batch_size, progress, desc):
+        from .calib.driver import BlockRunner, capture_block_inputs
+        from .models.blocks import replace_module
+
+        with self._outside_blocks(model, prefix):
+            inps, kws = capture_block_inputs(model, blocks[0], calib, batch_size, torch.device("cpu"))  # [(b, T, C)]
+        if self.start:
+            inps = self._load_acts(len(inps))
+        tensors, modules = {}, {}
+        for i in range(self.start, len(blocks)):
+            name, meta = f"{prefix}.{i}", blocks[i]
+            block = self._read_block(name, meta)
+            replace_module(model, name, block)
+            try:
+                runner = BlockRunner(block, inps, kws)
+                process(name, block, runner)
+                inps = runner.forward()  # the quantized block's outputs: the next block's inputs
+                j = self.n_rest + i // self.per_shard
+                keys = [k for k in self.shards[j] if k.startswith(name + ".")]
+                t, m = _shard_state(model, keys, self.targets, self.src, self.method, self.config, self.storage,
+                                    quantized=model.get_submodule)
+            finally:
+                replace_module(model, name, meta)
+            del block, runner
+            tensors.update(t)
+            modules.update(m)
+            if (i + 1) % self.per_shard == 0 or i + 1 == len(blocks):
+                self._write(j, tensors, modules, inps, i)
+                tensors, modules = {}, {}
+        return inps
+
+    def _write(self, j: int, tensors: dict, modules: dict, inps: list[torch.Tensor], i: int) -> None:
+        acts = f"acts-{i:05d}.safetensors"
+        _save({str(b): x.contiguous() for b, x in enumerate(inps)}, self.part / acts)
+        _commit(self.part, self.state, j, tensors, modules, acts=acts)
+        for f in self.part.glob("acts-*.safetensors"):  # older activations: no longer a resume point
+            if f.name != acts:
+                f.unlink()
+        self.bar.update(1)
+        if self.on_shard is not None:
+            self.on_shard(j, len(self.shards))
+
+    def _load_acts(self, n: int) -> list[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        f = self.part / (self.acts or "")
+        if not self.acts or not f.is_file():
+            raise BitnestError(f"{self.part}: the activations to resume from are missing; delete it and run again")
+        acts = load_file(str(f))
+        if sorted(acts, key=int) != [str(b) for b in range(n)]:
+            raise BitnestError(f"{f} does not match this calibration set; delete {self.part} and run again")
+        return [acts[str(b)] for b in range(n)]
+
+    def _read_block(self, name: str, meta: nn.Module) -> nn.Module:
+        from accelerate.utils import set_module_tensor_to_device
+
+        block = copy.deepcopy(meta)  # meta: nothing is copied but the structure
+        for pn, p in list(block.named_parameters()):
+            set_module_tensor_to_device(block, pn, "cpu", value=self.src.read(f"{name}.{pn}", torch.float32))
+        left = [n for n, t in block.named_buffers() if t.is_meta]
+        if left:
+            raise BitnestError(f"{name}.{left[0]} is not in the checkpoint; this architecture cannot stream "
+                               f"{self.method} (drop --stream)")
+        return block
+
+    @contextmanager
+    def _outside_blocks(self, model: nn.Module, prefix: str):
+        """Parameters outside the blocks read (float32) as their module first runs, and put back to meta after:
+        the capture of block 0's inputs runs the embeddings only."""
+        loaded = []
+
+        def read(mod, args, name):
+            for pn, p in list(mod.named_parameters(recurse=False)):
+                if p.is_meta:
+                    key = f"{name}.{pn}" if name else pn
+                    loaded.append((mod, pn, p))
+                    mod._parameters[pn] = nn.Parameter(self.src.read(key, torch.float32), requires_grad=False)
+
+        hooks = [m.register_forward_pre_hook(functools.partial(read, name=n)) for n, m in model.named_modules()
+                 if not (n == prefix or n.startswith(prefix + ".")) and any(p.is_meta for p in m.parameters(recurse=False))]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            for mod, pn, p in loaded:
+                mod._parameters[pn] = p
 
 
 def _resume_state(part: Path, recipe: dict, overwrite: bool) -> dict:

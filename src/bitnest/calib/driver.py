@@ -13,6 +13,7 @@ whatever statistics `process` accumulates for the block in hand.
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Callable
 
 import torch
@@ -23,6 +24,11 @@ from ..errors import BitnestError
 from ..models.blocks import get_blocks, replace_module
 
 
+# Set by a streaming run (bitnest.streaming): it supplies the blocks one at a time from the checkpoint on disk and
+# writes each out when done, so a calibrated method runs on a model that is never built in memory.
+block_stream: ContextVar = ContextVar("bitnest_block_stream", default=None)
+
+
 class _Captured(Exception):
     """Sentinel raised by the pre-hook on block 0 once its inputs are stored."""
 
@@ -31,9 +37,11 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, calib: torch.Tensor, batch_size: int):
-    """([hidden (b, T, C)] per batch, [kwargs] per batch) that `block` receives for the calibration tokens."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, calib: torch.Tensor, batch_size: int, device=None):
+    """([hidden (b, T, C)] per batch, [kwargs] per batch) that `block` receives for the calibration tokens
+    (on `device`, default the model's)."""
     inps, kws = [], []
+    device = device or _device(model)
 
     def hook(mod, args, kwargs):
         inps.append(args[0] if args else kwargs.pop("hidden_states"))
@@ -44,7 +52,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib: torch.Tensor
     try:
         for x in calib.split(batch_size):
             try:
-                model(input_ids=x.to(_device(model)), use_cache=False)
+                model(input_ids=x.to(device), use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -131,6 +139,9 @@ def blockwise(model: nn.Module, calib: torch.Tensor, process: Callable[[str, nn.
     (computed after `process`, with the quantized weights) feed the next block. Returns the last block's
     outputs [(b, T, C)] per batch."""
     prefix, blocks = get_blocks(model)
+    stream = block_stream.get()
+    if stream is not None:
+        return stream.blockwise(model, prefix, blocks, calib, process, batch_size, progress, desc)
     inps, kws = capture_block_inputs(model, blocks[0], calib, batch_size)
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
         runner = BlockRunner(block, inps, kws)
@@ -176,15 +187,15 @@ def calibrated(model, config, names: list[str], calib, make, stat=Hessian, progr
     modules, `stats` accumulated over the group's common input (true-sequential unless config says not).
     `calib`: token ids (n, L), or None / options resolved by calib.data.as_calib from `config`."""
     from .data import as_calib
+    blocks_prefix, _ = get_blocks(model)
+    outside = sorted(n for n in names if not n.startswith(blocks_prefix + "."))
+    if outside:  # Linears outside the decoder blocks (e.g. lm_head named by a glob): no block inputs
+        raise BitnestError(f"{outside[0]} is outside the decoder blocks; calibrated methods quantize block layers only")
     calib = as_calib(calib, model, config)
-    todo = set(names)
 
     def process(prefix, block, runner):
         local = [n[len(prefix) + 1:] for n in names if n.startswith(prefix + ".")]
         sequential_quantize(block, runner, local, lambda ns, lins, st: make([f"{prefix}.{n}" for n in ns], lins, st),
                             stat, sequential=getattr(config, "true_sequential", True))
-        todo.difference_update(f"{prefix}.{n}" for n in local)
 
     blockwise(model, calib, process, batch_size=getattr(config, "batch_size", 8), progress=progress, desc=desc)
-    if todo:  # Linears outside the decoder blocks (e.g. lm_head named by a glob): no block inputs
-        raise BitnestError(f"{sorted(todo)[0]} is outside the decoder blocks; calibrated methods quantize block layers only")
