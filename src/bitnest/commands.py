@@ -24,9 +24,19 @@ def _default(args) -> str:
 
 
 def cmd_quantize(args) -> int:
+    """Under `torchrun --nproc_per_node N` (bitnest.distributed): calibrated methods split the calibration batches
+    over the N processes; every process holds the same result and rank 0 writes it."""
+    from .distributed import from_env
+    with from_env():
+        return _quantize(args)
+
+
+def _quantize(args) -> int:
     from .api import make_config
+    from .distributed import barrier, is_main, rank_world
 
     out = check_output(args.out, args.overwrite)  # fail before the work, not after (exists / not writable)
+    barrier()  # every rank has checked --out before rank 0 can write it
     opts = {k: v for k, v in vars(args).items() if k in ("group_size", "symmetric")}  # only when given
     if args.targets is not None:
         opts["targets"] = args.targets
@@ -51,6 +61,8 @@ def cmd_quantize(args) -> int:
         opts["calib_data"] = args.calib_data
     config = make_config(args.method, **{**opts, **parse_options(args.method, args.option)})
     if getattr(args, "stream", False):  # larger than RAM: never build the model (bitnest.streaming)
+        if rank_world()[1] > 1:
+            raise BitnestError("--stream runs in one process; run it without torchrun")
         from .streaming import quantize_streaming
         quantize_streaming(args.model or _default(args), out, args.method, config, overwrite=args.overwrite,
                            progress=not args.no_progress)
@@ -64,6 +76,9 @@ def cmd_quantize(args) -> int:
     quantize(loaded.model, args.method, config, progress=not args.no_progress, tokenizer=loaded.tokenizer)
     save_quantized(loaded.model, loaded.tokenizer, out, quantization_config(args.method, config, loaded.source),
                    storage_dtype=loaded.storage_dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    barrier()  # rank 0 alone writes (save_quantized); the others return once the checkpoint exists
+    if not is_main():
+        return 0
     rep = bits_report(loaded.model, loaded.storage_dtype)
     print(f"wrote {out}: {args.method} {config.bits}-bit {_granularity(config.group_size)}, "
           f"{rep.bits_per_weight:.3f} bits/weight, {rep.model_bytes / 2**20:.2f} MiB")

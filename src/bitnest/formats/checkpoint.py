@@ -236,7 +236,13 @@ def write_shards(tmp: Path, state: dict[str, torch.Tensor], max_shard_size: str 
 def save_quantized(model, tokenizer, out: str | os.PathLike, quantization_config: dict, *,
                    storage_dtype: torch.dtype = torch.float16, max_shard_size: str | int = "2GB",
                    overwrite: bool = False) -> Path:
+    """Write `model` (its quantized modules packed) to the directory `out`. Under an initialized process group of
+    several ranks (torchrun) only rank 0 writes; the others return `out` at once without waiting for it."""
+    from ..distributed import is_main
+
     out = Path(out)
+    if not is_main():
+        return out
     qc = {"quant_method": "bitnest", "format_version": FORMAT_VERSION, **quantization_config,
           "storage_dtype": str(storage_dtype).replace("torch.", ""),
           "modules": {n: m.layer_config() for n, m in _packed_modules(model).items()}}
