@@ -58,7 +58,9 @@ def _files(d: Path) -> dict[str, bytes]:
 CASES = [("rtn", {"bits": 4, "group_size": 32}, "tied"),
          ("rtn", {"bits": 3, "symmetric": True, "targets": "ffn", "overrides": (("*.down_proj", 8),)}, "untied"),
          ("sliced", {"bits": 4, "group_size": 16}, "untied"),
-         ("sliced", {"bits": 2, "parent_bits": 8, "symmetric": True}, "tied")]
+         ("sliced", {"bits": 2, "parent_bits": 8, "symmetric": True}, "tied"),
+         ("lpfit", {"bits": 3, "group_size": 32}, "untied"), ("nf", {"bits": 4, "group_size": 16}, "tied"),
+         ("kmeans", {"bits": 3}, "untied")]
 
 
 @pytest.mark.parametrize("method,kw,which", CASES, ids=lambda v: v if isinstance(v, str) else None)
