@@ -3,7 +3,9 @@
 `torchrun --nproc_per_node N -m bitnest.cli quantize ...` starts N processes. Each loads the model and the same
 calibration tokens; calibrated methods split the calibration batches among them (calib.driver) and combine
 their input statistics so every process computes the same quantized model, bit-identical to one process; only
-rank 0 writes the checkpoint. Without an initialized process group (or with one process) nothing changes.
+rank 0 writes the checkpoint. The training loop (train.loop.train: MatQuant QAT, OneBit / BitNet distillation)
+splits each step's global batch over the processes and sums their gradients (all_reduce_sum), so every process
+holds the parameters one process would (within floating-point rounding). Without an initialized process group (or with one process) nothing changes.
 """
 from __future__ import annotations
 
@@ -82,4 +84,33 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return [o.to(t.device) for o in out]
 
 
-__all__ = ["rank_world", "is_main", "barrier", "from_env", "broadcast", "all_gather"]
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `t` over the ranks (same shape and dtype on every rank), in place when `t` is where
+    the collective runs; returns it."""
+    if rank_world()[1] == 1:
+        return t
+    x = t.contiguous().to(_comm_device(t))
+    _dist().all_reduce(x, op=_dist().ReduceOp.SUM)
+    if x.data_ptr() != t.data_ptr():
+        t.copy_(x)
+    return t
+
+
+def from_rank0(t: torch.Tensor, what: str = "tensor") -> torch.Tensor:
+    """Rank 0's `t` on every rank, after checking that every rank holds the same shape (a one-line error naming
+    `what` otherwise): seeded data generated on each rank is the same, but this makes it so whatever the kernels."""
+    if rank_world()[1] == 1:
+        return t
+    from .errors import BitnestError
+
+    desc = torch.full((9,), -1, dtype=torch.long)  # dim, then up to 8 sizes: the same length on every rank
+    desc[0] = t.dim()
+    desc[1:1 + min(t.dim(), 8)] = torch.tensor(t.shape[:8], dtype=torch.long)
+    shapes = all_gather(desc)
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        raise BitnestError(f"the {what} differ in shape across processes: "
+                           f"{[tuple(x for x in s.tolist()[1:] if x >= 0) for s in shapes]}")
+    return broadcast(t)
+
+
+__all__ = ["rank_world", "is_main", "barrier", "from_env", "broadcast", "all_gather", "all_reduce_sum", "from_rank0"]

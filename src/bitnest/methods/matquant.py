@@ -363,7 +363,8 @@ def convert(model: nn.Module, mods: dict[str, MatQuantLinear], config: MatQuantC
 
 def run_qat(model: nn.Module, config: MatQuantConfig, names: list[str], *, calib=None, progress: bool = True) -> TrainResult:
     """MatQuant QAT in place; returns the training record (also kept as model.bitnest_train)."""
-    ids = as_calib(calib, model, config)  # (N, T) token ids
+    from ..distributed import from_rank0
+    ids = from_rank0(as_calib(calib, model, config), "training tokens")  # (N, T); under torchrun: rank 0's
     plan = config.plan()
     teacher = frozen_copy(model) if config.distill_fp > 0 else None
     trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}

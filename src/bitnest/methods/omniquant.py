@@ -164,7 +164,8 @@ def run_omniquant(model: nn.Module, config: MatQuantConfig, names: list[str], *,
                         betas=(config.beta1, config.beta2), warmup=config.warmup, schedule=config.schedule,
                         clip=config.grad_clip or None, params=params,
                         ckpt_dir=Path(config.ckpt_dir) / prefix if config.ckpt_dir else None,
-                        ckpt_every=config.ckpt_every, progress=progress, desc=f"omniquant {prefix}")
+                        ckpt_every=config.ckpt_every, progress=progress, desc=f"omniquant {prefix}",
+                        data_parallel=False)  # every rank holds all of X, Y: each trains the whole block alike
             history.extend({"block": prefix, **h} for h in res.history)
         finalize_block(block, mods, norms, plan.main)  # served at the most-weighted precision: propagated
         for p in block.parameters():

@@ -19,6 +19,21 @@ resumable checkpoints.
   data, the loss's plain settings such as MatQuant's λ per precision or OneBit's α), plus any `recipe`
   dict the caller passes. Resuming with any of them changed is a one-line error naming each change.
 - CPU or CUDA: batches go to the device of the student's parameters.
+- Data-parallel under torchrun (an initialized process group of W > 1 ranks, bitnest.distributed): every rank
+  builds the same global batch of B rows for the step (what one process would use), takes rows r, r+W, ... of it,
+  and backpropagates its loss weighted by rows_r / B; the gradients are summed over the ranks (all-reduce) before
+  clipping and Adam, so the sum is the gradient of the global mean loss and every rank keeps the parameters one
+  process would (within floating-point rounding: the sum is taken in another order). The trained parameters are
+  broadcast from rank 0 at the start. Shown and logged losses are global means (the weighted per-rank losses
+  summed); `tokens` counts the global batch; `log_fn` gets that same record on every rank. Rank 0 alone writes
+  the checkpoint; every rank reads it on resume. Its state (full parameters, Adam's state, rank 0's RNG) does not
+  depend on W and W is not part of the recipe: a run checkpointed on W ranks resumes on any number of ranks.
+  Each rank holds the full student (and the caller's teacher, which sees only that rank's rows). `loss_fn` must
+  be a mean over the rows of its batch (every loss here is). `data_parallel=False`: every rank runs the whole
+  batch (the same computation everywhere; rank 0 still writes alone). FSDP2 (`fully_shard`) runs on CPU/gloo in
+  torch 2.13 but replaces the student's Parameters by DTensor shards in place, which the methods' in-place
+  conversion after training and this checkpoint format would have to undo; the gradient all-reduce in `_sync_grads`
+  is the place to swap for it on GPUs where the full student per rank does not fit.
 """
 from __future__ import annotations
 
@@ -33,6 +48,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import all_gather, all_reduce_sum, barrier, broadcast, rank_world
 from ..errors import BitnestError
 
 STATE_FILE = "train_state.pt"
@@ -83,6 +99,48 @@ def _to(batch, device):
     if isinstance(batch, (tuple, list)):
         return type(batch)(_to(v, device) for v in batch)
     return batch
+
+
+def _rows(batch) -> int:
+    """B: the leading size of the batch's token tensor (as `_tokens` finds it)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 0
+    if isinstance(batch, dict):
+        return _rows(batch.get("input_ids", next(iter(batch.values()))))
+    if isinstance(batch, (tuple, list)) and batch:
+        return _rows(batch[0])
+    return 0
+
+
+def _shard(batch, rank: int, world: int, rows: int):
+    """Rows rank, rank + world, ... of every tensor in `batch` whose leading size is `rows`; anything else as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch[rank::world] if batch.dim() and batch.shape[0] == rows else batch
+    if isinstance(batch, dict):
+        return {k: _shard(v, rank, world, rows) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_shard(v, rank, world, rows) for v in batch)
+    return batch
+
+
+def _sync_grads(params: Sequence[torch.nn.Parameter]) -> None:
+    """Sum every parameter's gradient over the ranks (one all-reduce per dtype and device); a parameter no rank
+    has a gradient for keeps None, as in one process (Adam skips it)."""
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.dtype, p.device), []).append(i)
+    flats = {key: torch.cat([(params[i].grad if params[i].grad is not None else torch.zeros_like(params[i])).reshape(-1)
+                             for i in idx]) for key, idx in groups.items()}
+    all_reduce_sum(has)
+    for key, idx in groups.items():
+        flat = all_reduce_sum(flats[key])
+        off = 0
+        for i in idx:
+            p = params[i]
+            n = p.numel()
+            p.grad = flat[off:off + n].view_as(p).clone() if has[i] > 0 else None
+            off += n
 
 
 def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -225,11 +283,12 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
           clip: float | None = 1.0, params: Sequence[torch.nn.Parameter] | None = None,
           ckpt_dir: str | os.PathLike | None = None, ckpt_every: int = 100, resume: bool = True,
           progress: bool = True, desc: str = "train", log_fn: Callable[[dict], None] | None = None,
-          recipe: dict | None = None) -> TrainResult:
+          recipe: dict | None = None, data_parallel: bool = True) -> TrainResult:
     """Train `params` of `student` for `steps` optimizer steps on loss_fn(student, batches(step)).
 
     Returns a TrainResult (history of every step, tokens, seconds). The student is left in the mode it
-    was in (train/eval); gradients are enabled inside even when the caller runs under torch.no_grad()."""
+    was in (train/eval); gradients are enabled inside even when the caller runs under torch.no_grad(). Under
+    torchrun (W > 1 ranks) the global batch of each step is split over the ranks (see the module docstring)."""
     if steps < 0 or lr <= 0:
         raise BitnestError(f"need steps ≥ 0 and lr > 0, got steps={steps}, lr={lr}")
     if schedule not in SCHEDULES:
@@ -244,6 +303,9 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
     names = _named(student, params)
     batch_at = batches if callable(batches) else (lambda s: batches[s % len(batches)])
     device = params[0].device
+    rank, world = rank_world()
+    dp = data_parallel and world > 1
+    main = rank == 0
 
     opt = torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -256,11 +318,21 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
     if ckpt is not None:
         from ..formats.checkpoint import clean_stale
         meta["recipe"] = recipe_of(batches, loss_fn, recipe)
-        clean_stale(ckpt)  # a temporary file a killed run left
+        if main:
+            clean_stale(ckpt)  # a temporary file a killed run left
+        barrier()  # no rank looks for the checkpoint while rank 0 tidies its directory
     step, tokens, seconds, history, resumed_from = 0, 0, 0.0, [], 0
     if ckpt is not None and resume and ckpt.is_file():
         step, tokens, seconds, history = _restore(ckpt, meta, params, opt, sched, device)
         resumed_from = step
+    if world > 1:
+        steps_seen = all_gather(torch.tensor([step], dtype=torch.long))
+        if any(int(s) != step for s in steps_seen):
+            raise BitnestError(f"the processes resumed from different steps ({[int(s) for s in steps_seen]}): the "
+                               f"checkpoint directory {ckpt_dir} must be the same file on every rank")
+        with torch.no_grad():  # every rank starts from rank 0's parameters, as DDP does
+            for p in params:
+                p.copy_(broadcast(p.detach()))
 
     def state() -> dict:
         return {"step": step, "tokens": tokens, "seconds": seconds + (time.perf_counter() - t0), "history": history,
@@ -272,33 +344,51 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
     t0 = time.perf_counter()
     session_tokens = 0
     updating = False
-    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress or not main,
+               dynamic_ncols=True)
     try:
         with torch.enable_grad():
             while step < steps:
-                batch = _to(batch_at(step), device)
+                batch = batch_at(step)
+                n_tok = _tokens(batch)  # the global batch's tokens, whatever W
+                weight = 1.0
+                if dp:
+                    rows = _rows(batch)
+                    if rows < world:
+                        raise BitnestError(f"a batch of {rows} sequences cannot be split over {world} processes; "
+                                           "use a larger batch or fewer processes")
+                    batch = _shard(batch, rank, world, rows)
+                    weight = _rows(batch) / rows
+                batch = _to(batch, device)
                 loss, parts = _split_loss(loss_fn(student, batch))
-                if not torch.isfinite(loss):
-                    raise BitnestError(f"the training loss is {loss.item()} at step {step + 1}; lower the learning "
+                shown, shown_parts = loss, parts
+                if dp:  # the global mean of the loss and of each part: Σ_r rows_r / B · mean_r
+                    vals = torch.stack([torch.as_tensor(v).detach().float().reshape(()).cpu()
+                                        for v in (loss, *parts.values())]) * weight
+                    vals = all_reduce_sum(vals)
+                    shown, shown_parts = vals[0], dict(zip(parts, vals[1:]))
+                if not torch.isfinite(shown):
+                    raise BitnestError(f"the training loss is {shown.item()} at step {step + 1}; lower the learning "
                                        "rate or check the data")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight if dp else loss).backward()
                 updating = True
+                if dp:
+                    _sync_grads(params)
                 gnorm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip else
                          torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
                 cur_lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
                 step += 1
-                n_tok = _tokens(batch)
                 tokens += n_tok
                 session_tokens += n_tok
-                rec = {"step": step, "loss": loss.item(), **{k: _scalar(v) for k, v in parts.items()},
+                rec = {"step": step, "loss": shown.item(), **{k: _scalar(v) for k, v in shown_parts.items()},
                        "lr": cur_lr, "grad_norm": float(gnorm), "tokens": tokens}
                 history.append(rec)
                 updating = False  # parameters, optimizer, counters and history agree again: safe to save
-                if ckpt is not None and (step % ckpt_every == 0 or step == steps):
-                    _save_state(ckpt, state())
+                if ckpt is not None and main and (step % ckpt_every == 0 or step == steps):
+                    _save_state(ckpt, state())  # rank 0 alone: the state is the same on every rank
                 if log_fn is not None:
                     log_fn(rec)
                 el = time.perf_counter() - t0
@@ -306,7 +396,7 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
                                  "lr": f"{cur_lr:.2e}", "tok/s": f"{session_tokens / max(el, 1e-9):,.0f}"}, refresh=False)
                 bar.update(1)
     except KeyboardInterrupt:
-        if ckpt is not None and not updating and step > resumed_from:
+        if ckpt is not None and main and not updating and step > resumed_from:
             _save_state(ckpt, state())
             bar.write(f"interrupted: saved step {step} to {ckpt}; run again to resume")
         raise

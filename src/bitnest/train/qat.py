@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import from_rank0
 from ..errors import BitnestError
 from ..models.blocks import replace_module
 from .data import Batches, self_generate, text_sequences
@@ -137,7 +138,7 @@ def distill_qat(model: nn.Module, names: list[str], prepare: Callable[[str, nn.L
     if not names:
         raise BitnestError("no layers selected to train")
     teacher = frozen_copy(model)
-    data = training_data(teacher, settings, tokenizer, ids, progress)
+    data = from_rank0(training_data(teacher, settings, tokenizer, ids, progress), "training tokens")
     trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
     with torch.no_grad():
         for name in tqdm(names, desc="init", disable=not progress, leave=False):

@@ -1,0 +1,151 @@
+"""Data-parallel training under torchrun (gloo, CPU): MatQuant QAT and OneBit distillation on 2 processes, each
+taking half of every step's global batch and summing gradients, train the parameters 1 process trains (within
+floating-point rounding); a checkpoint written by 2 processes resumes on 1 and one written by 1 resumes on 2."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_distributed import HERE, TORCHRUN, _torchrun  # noqa: E402  (the 2-rank launch pattern, free port, gloo)
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not Path(TORCHRUN).exists(),
+                                reason="torch.distributed / torchrun not available")
+
+STEPS, STOP = 6, 3
+RUNS = {  # name: (method, options); a global batch of 4 sequences of 16 tokens, 6 steps
+    "matquant": ("matquant", dict(steps=STEPS, batch=4, lr=5e-3, warmup=1)),
+    "onebit": ("onebit", dict(steps=STEPS, batch=4, seq_len=16, lr=3e-3, warmup=1)),
+}
+
+
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 256, (STEPS * 4, 16), generator=torch.Generator().manual_seed(5))
+
+
+def run(name: str, ckpt_dir: str | Path, stop_at: int | None = None, ckpt_every: int = 100):
+    """Train RUNS[name] on tiny() with the checkpoint in `ckpt_dir`; `stop_at`: raise during that step (the
+    loss function of step `stop_at` fails, on every rank), after the checkpoint of the step before."""
+    from bitnest.api import quantize
+    from bitnest.methods.matquant import MatQuantLoss
+    from bitnest.train.distill import Distill
+
+    method, kw = RUNS[name]
+    cls = MatQuantLoss if method == "matquant" else Distill
+    real = cls.__call__
+    calls = {"n": 0}
+
+    def stopping(self, student, batch):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise RuntimeError("stopped")
+        return real(self, student, batch)
+
+    cls.__call__ = stopping
+    try:
+        quantize(tiny(), method, calib=tokens(), ckpt_dir=str(ckpt_dir), ckpt_every=ckpt_every, progress=False, **kw)
+    except RuntimeError as e:
+        if str(e) != "stopped":
+            raise
+    finally:
+        cls.__call__ = real
+
+
+def trained(ckpt_dir: Path) -> dict:
+    """(step, trained parameters, loss history) of the run's train_state.pt."""
+    s = torch.load(Path(ckpt_dir) / "train_state.pt", weights_only=True)
+    return {"step": s["step"], "params": s["params"], "history": s["history"], "tokens": s["tokens"]}
+
+
+WORKER = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {here!r})
+from test_distributed_train import run, RUNS, STOP
+from bitnest.distributed import from_env, rank_world
+d = {d!r}
+with from_env():
+    assert rank_world()[1] == 2, rank_world()
+    for name in RUNS:
+        run(name, f"{{d}}/{{name}}-2")
+    run("matquant", f"{{d}}/stop-2", stop_at=STOP + 1, ckpt_every=1)  # 2 ranks, stopped after step 3
+    run("matquant", f"{{d}}/stop-1", ckpt_every=1)  # resumes a 1-rank checkpoint of step 3 on 2 ranks
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist-train")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker
+    try:
+        run("matquant", d / "stop-1", stop_at=STOP + 1, ckpt_every=1)  # 1 rank, stopped after step 3
+        assert trained(d / "stop-1")["step"] == STOP
+        (d / "worker.py").write_text(WORKER.format(here=str(HERE), d=str(d)))
+        _torchrun([str(d / "worker.py")], timeout=300)
+        assert trained(d / "stop-2")["step"] == STOP
+        run("matquant", d / "stop-2", ckpt_every=1)  # the 2-rank checkpoint, resumed on 1 rank to the end
+        for name in RUNS:
+            run(name, d / f"{name}-1")
+    finally:
+        torch.set_num_threads(threads)
+    return d
+
+
+def diffs(two: dict, one: dict) -> dict:
+    """How far apart two runs' trained parameters are: max |Δw|, ‖Δw‖ / ‖w‖ over all of them, and the largest
+    max |Δw| / max |w| of one tensor."""
+    a, b = two["params"], one["params"]
+    assert a.keys() == b.keys() and a
+    return {"max_abs": max(float((a[k] - b[k]).abs().max()) for k in b),
+            "rel_norm": (sum(float((a[k] - b[k]).pow(2).sum()) for k in b) / sum(float(b[k].pow(2).sum()) for k in b)) ** 0.5,
+            "max_rel": max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)}
+
+
+def _close(two: dict, one: dict, what: str) -> None:  # what: a RUNS name, then a note
+    """Equal within floating-point rounding. The gradients agree to ~1e-7 relative (the per-rank halves are summed
+    in another order than one backward over the whole batch), but training amplifies that: Adam divides by √v, and
+    QAT's rounding is a step function, so a weight ~1e-7 from a grid boundary can round to the other code on one side
+    (MatQuant here: losses equal to 1e-7 for 5 steps, then one int2 code flips at step 6; max |Δw| ≈ 5e-5 = 1% of
+    one step's lr). Hence the bounds: ‖Δw‖/‖w‖ ≤ 1e-4, max |Δw| ≤ 2% of lr, losses within 1e-4 relative."""
+    assert two["step"] == one["step"] == STEPS
+    assert two["tokens"] == one["tokens"] == STEPS * 4 * 16  # the global batch is counted, whatever W
+    d = diffs(two, one)
+    print(f"{what}: 2 ranks vs 1: max |Δw| {d['max_abs']:.2e}, ‖Δw‖/‖w‖ {d['rel_norm']:.2e}, "
+          f"max over tensors of max |Δw| / max |w| {d['max_rel']:.2e}")
+    lr = RUNS[what.split()[0].rstrip(":")][1]["lr"]
+    assert d["rel_norm"] <= 1e-4 and d["max_abs"] <= 0.02 * lr, d
+    for h2, h1 in zip(two["history"], one["history"], strict=True):
+        assert h2.keys() == h1.keys()
+        assert h2["lr"] == h1["lr"] and h2["tokens"] == h1["tokens"]
+        for k in h1:
+            assert h2[k] == pytest.approx(h1[k], rel=1e-3 if k == "grad_norm" else 1e-4, abs=1e-6), (h2["step"], k)
+    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-6)  # step 1: same weights
+    losses = [h["loss"] for h in one["history"]]
+    assert losses[-1] < losses[0] and all(h["grad_norm"] > 0 for h in one["history"])  # it did train
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_ranks_train_what_one_trains(runs, name):
+    _close(trained(runs / f"{name}-2"), trained(runs / f"{name}-1"), name)
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(runs):
+    assert trained(runs / "stop-2")["history"][STOP - 1]["step"] == STOP
+    _close(trained(runs / "stop-2"), trained(runs / "matquant-1"), "matquant: 2 ranks to step 3, then 1 rank")
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks(runs):
+    _close(trained(runs / "stop-1"), trained(runs / "matquant-1"), "matquant: 1 rank to step 3, then 2 ranks")
