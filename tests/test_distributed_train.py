@@ -149,3 +149,20 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs):
 
 def test_one_rank_checkpoint_resumes_on_two_ranks(runs):
     _close(trained(runs / "stop-1"), trained(runs / "matquant-1"), "matquant: 1 rank to step 3, then 2 ranks")
+
+
+def test_cli_training_under_torchrun_rank0_writes(tmp_path):
+    """`torchrun -m bitnest.cli quantize --method onebit`: teacher-generated data (the same on both ranks: rank 0's),
+    one checkpoint written by rank 0, its training history counting the global batch's tokens."""
+    import json
+
+    from test_distributed import _tiny
+
+    model = str(_tiny(tmp_path / "tiny"))
+    r = _torchrun(["-m", "bitnest.cli", "quantize", "--method", "onebit", "--model", model, "--no-progress",
+                   "-o", "steps=3", "-o", "batch=4", "-o", "seq_len=16", "-o", "samples=12", "-o", "gen_batch=12",
+                   "-o", f"ckpt_dir={tmp_path / 'ck'}", "--out", str(tmp_path / "out")])
+    assert r.stdout.count("wrote ") == 1, r.stdout  # rank 0 alone reports (and writes)
+    history = json.loads((tmp_path / "out" / "training_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3] and history[-1]["tokens"] == 3 * 4 * 16
+    assert trained(tmp_path / "ck")["step"] == 3
