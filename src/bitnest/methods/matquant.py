@@ -49,6 +49,7 @@ from ..nn.nested import MatQuantLinear
 from ..train.data import Batches
 from ..train.distill import frozen_copy
 from ..train.loop import SCHEDULES, TrainResult, train
+from ..train.twins import swap, train_twins
 from ..train.losses import KD_KINDS, kd_loss
 from . import QuantConfig
 
@@ -343,15 +344,16 @@ class MatQuantLoss:
 
 def prepare(model: nn.Module, names: list[str], config: MatQuantConfig, *, train_weight: bool = True) -> dict[str, MatQuantLinear]:
     """Swap each named Linear for its MatQuantLinear training twin (in place); returns them by name."""
+    return swap(model, names, _twin_maker(config, train_weight))
+
+
+def _twin_maker(config: MatQuantConfig, train_weight: bool):
     spec = config.spec
-    mods = {}
-    for name in names:
-        lin = model.get_submodule(name)
+
+    def twin(name: str, lin: nn.Linear) -> MatQuantLinear:
         spec.check_shape(lin.out_features, lin.in_features, name)
-        m = MatQuantLinear(lin, spec, clamp=not config.extra_precision, train_weight=train_weight)
-        replace_module(model, name, m)
-        mods[name] = m
-    return mods
+        return MatQuantLinear(lin, spec, clamp=not config.extra_precision, train_weight=train_weight)
+    return twin
 
 
 def convert(model: nn.Module, mods: dict[str, MatQuantLinear], config: MatQuantConfig) -> None:
@@ -362,31 +364,29 @@ def convert(model: nn.Module, mods: dict[str, MatQuantLinear], config: MatQuantC
 
 
 def run_qat(model: nn.Module, config: MatQuantConfig, names: list[str], *, calib=None, progress: bool = True) -> TrainResult:
-    """MatQuant QAT in place; returns the training record (also kept as model.bitnest_train)."""
+    """MatQuant QAT in place (train/twins.py's prepare → train → convert); returns the training record."""
     from ..distributed import from_rank0
     ids = from_rank0(as_calib(calib, model, config), "training tokens")  # (N, T); under torchrun: rank 0's
     plan = config.plan()
-    teacher = frozen_copy(model) if config.distill_fp > 0 else None
-    trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    with torch.no_grad():
-        mods = prepare(model, names, config)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = [p for m in mods.values() for p in (m.weight, m.bias) if p is not None]
-    for p in params:
-        p.requires_grad_(True)
-    loss_fn = MatQuantLoss(list(mods.values()), plan, kd=config.kd, teacher=teacher, distill_fp=config.distill_fp)
+    hold = {"teacher": frozen_copy(model) if config.distill_fp > 0 else None}  # dropped when training ends
+
+    def run(params, mods):
+        try:
+            loss_fn = MatQuantLoss(list(mods.values()), plan, kd=config.kd, teacher=hold["teacher"],
+                                   distill_fp=config.distill_fp)
+            return train(model, Batches(ids, min(config.batch, ids.shape[0]), seed=config.seed), loss_fn,
+                         steps=config.steps, lr=config.lr, betas=(config.beta1, config.beta2), warmup=config.warmup,
+                         schedule=config.schedule, clip=config.grad_clip or None, params=params,
+                         ckpt_dir=config.ckpt_dir, ckpt_every=config.ckpt_every, progress=progress,
+                         desc=f"matquant qat R={{{','.join(map(str, plan.order))}}}")
+        finally:
+            hold.clear()
     try:
-        result = train(model, Batches(ids, min(config.batch, ids.shape[0]), seed=config.seed), loss_fn,
-                       steps=config.steps, lr=config.lr, betas=(config.beta1, config.beta2), warmup=config.warmup,
-                       schedule=config.schedule, clip=config.grad_clip or None, params=params,
-                       ckpt_dir=config.ckpt_dir, ckpt_every=config.ckpt_every, progress=progress,
-                       desc=f"matquant qat R={{{','.join(map(str, plan.order))}}}")
+        result = train_twins(model, names, make=_twin_maker(config, True),
+                             params=lambda mods: [p for m in mods.values() for p in (m.weight, m.bias) if p is not None],
+                             run=run, convert=lambda mods: convert(model, mods, config))
     finally:
-        del teacher
-    convert(model, mods, config)
-    for n, p in model.named_parameters():
-        p.requires_grad_(trainable_before.get(n, False))
+        hold.clear()
     model.eval()
     return result
 

@@ -37,6 +37,7 @@ from ..models.blocks import replace_module
 from ..nn.nested import MatQuantLinear
 from ..train.data import Batches
 from ..train.loop import TrainResult, train
+from ..train.twins import train_twins
 from .matquant import MatQuantConfig, Plan, set_precision
 
 
@@ -140,20 +141,19 @@ def run_omniquant(model: nn.Module, config: MatQuantConfig, names: list[str], *,
         X = torch.cat(runner.inps)  # (N, T, C): the quantized model's inputs to this block
         Y = torch.cat(runner.forward())  # (N, T, C): the full-precision block's outputs on them
         kw = _first(runner.kws[0])  # masks / rotary embeddings, batch dim 1: broadcast over any batch
-        mods = {}
-        for n in local:
-            m = MatQuantLinear(block.get_submodule(n), spec, clamp=not config.extra_precision, train_weight=False,
-                               learn_clip=config.lwc)
-            replace_module(block, n, m)
-            mods[n] = m
-        let_params, norms = attach_let(block, mods) if config.let else ([], [])
-        params = [m.clip_logits for m in mods.values() if m.clip_logits is not None] + let_params
-        grad_before = {id(p): p.requires_grad for p in block.parameters()}
-        for p in block.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        if params and config.steps:
+        norms = []
+
+        def twin(n, lin):
+            return MatQuantLinear(lin, spec, clamp=not config.extra_precision, train_weight=False, learn_clip=config.lwc)
+
+        def params(mods):
+            let_params, lets = attach_let(block, mods) if config.let else ([], [])
+            norms.extend(lets)
+            return [m.clip_logits for m in mods.values() if m.clip_logits is not None] + let_params
+
+        def run(params, mods):
+            if not (params and config.steps):
+                return
             rows = Batches(torch.arange(X.shape[0])[:, None], min(config.batch, X.shape[0]), seed=config.seed)
 
             def batches(step):
@@ -167,9 +167,9 @@ def run_omniquant(model: nn.Module, config: MatQuantConfig, names: list[str], *,
                         ckpt_every=config.ckpt_every, progress=progress, desc=f"omniquant {prefix}",
                         data_parallel=False)  # every rank holds all of X, Y: each trains the whole block alike
             history.extend({"block": prefix, **h} for h in res.history)
-        finalize_block(block, mods, norms, plan.main)  # served at the most-weighted precision: propagated
-        for p in block.parameters():
-            p.requires_grad_(grad_before.get(id(p), False))
+
+        # finalized at the most-weighted precision, whose outputs feed the next block
+        train_twins(block, local, twin, params, run, lambda mods: finalize_block(block, mods, norms, plan.main))
         done.update(f"{prefix}.{n}" for n in local)
         seconds += time.perf_counter() - t0
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..distributed import from_rank0
 from ..errors import BitnestError
 from ..models.blocks import replace_module
 from .data import Batches, self_generate, text_sequences
 from .distill import Distill, frozen_copy
+from .twins import train_twins
 from .loop import SCHEDULES, TrainResult, train
 from .losses import KD_KINDS
 
@@ -137,37 +137,31 @@ def distill_qat(model: nn.Module, names: list[str], prepare: Callable[[str, nn.L
     """Quantization-aware distillation of `names` in place; returns the training record."""
     if not names:
         raise BitnestError("no layers selected to train")
-    teacher = frozen_copy(model)
-    data = from_rank0(training_data(teacher, settings, tokenizer, ids, progress), "training tokens")
-    trainable_before = {n: p.requires_grad for n, p in model.named_parameters()}
-    with torch.no_grad():
-        for name in tqdm(names, desc="init", disable=not progress, leave=False):
-            replace_module(model, name, prepare(name, model.get_submodule(name)))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = []
-    for name in names:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-            params.append(p)
-    if settings.train_norms:
-        params += norm_weights(model)
-    if settings.train_embeddings:
-        params += embedding_weights(model)
-    try:
-        result = train(model, Batches(data, min(settings.batch, data.shape[0]), seed=settings.seed),
-                       Distill(teacher, settings.alpha, settings.hidden_loss, settings.kd),
-                       steps=settings.steps, lr=settings.lr, betas=(settings.beta1, settings.beta2),
-                       warmup=settings.warmup_steps, schedule=settings.schedule, clip=settings.clip,
-                       params=params, ckpt_dir=settings.ckpt_dir, ckpt_every=settings.ckpt_every,
-                       progress=progress, desc=desc)
-    finally:
-        del teacher
-    with torch.no_grad():
-        for name in names:
-            m = model.get_submodule(name)
+    hold = {"teacher": frozen_copy(model)}  # dropped as soon as training ends, before the conversion
+    data = from_rank0(training_data(hold["teacher"], settings, tokenizer, ids, progress), "training tokens")
+
+    def params(twins):
+        ps = [p for m in twins.values() for p in m.parameters()]
+        return ps + (norm_weights(model) if settings.train_norms else []) + \
+            (embedding_weights(model) if settings.train_embeddings else [])
+
+    def run(ps, twins):
+        try:
+            return train(model, Batches(data, min(settings.batch, data.shape[0]), seed=settings.seed),
+                         Distill(hold["teacher"], settings.alpha, settings.hidden_loss, settings.kd),
+                         steps=settings.steps, lr=settings.lr, betas=(settings.beta1, settings.beta2),
+                         warmup=settings.warmup_steps, schedule=settings.schedule, clip=settings.clip,
+                         params=ps, ckpt_dir=settings.ckpt_dir, ckpt_every=settings.ckpt_every,
+                         progress=progress, desc=desc)
+        finally:
+            hold.clear()
+
+    def packed(twins):
+        for name, m in twins.items():
             replace_module(model, name, convert(m) if convert is not None else m.to_packed())
-    for n, p in model.named_parameters():
-        p.requires_grad_(trainable_before.get(n, False))
+    try:
+        result = train_twins(model, names, prepare, params, run, packed, progress=progress)
+    finally:
+        hold.clear()
     model.eval()
     return result
