@@ -23,7 +23,9 @@ written, the block goes back to the meta device, and the calibration activations
 saved beside the shard (`acts-*.safetensors`), so a resumed run continues at the next block bit-identically.
 
 Memory: one Linear's weight in float32 plus its quantization temporaries (calibrated: one block in float32, the
-calibration activations and one group's statistics), one shard of packed output, and a fixed overhead (torch, transformers, the meta model) — whatever the model's size; the bound tested is "≤ the
+calibration activations and the solver's statistics — GPTQ's Hessian and weight copies for the widest layer group —
+and, once, for the capture of block 0's inputs, the input embedding in float32, larger than a block for
+large-vocabulary models), one shard of packed output, and a fixed overhead (torch, transformers, the meta model) — whatever the model's size; the bound tested is "≤ the
 largest block in float32 + overhead".
 """
 from __future__ import annotations
@@ -462,6 +464,10 @@ class _BlockStream:
         block = copy.deepcopy(meta)  # meta: nothing is copied but the structure
         for pn, p in list(block.named_parameters()):
             set_module_tensor_to_device(block, pn, "cpu", value=self.src.read(f"{name}.{pn}", torch.float32))
+        for bn, b in list(block.named_buffers()):  # persistent buffers stored with the weights: as load_model reads them
+            if f"{name}.{bn}" in self.src.heads:
+                dt = torch.float32 if b.is_floating_point() else b.dtype
+                set_module_tensor_to_device(block, bn, "cpu", value=self.src.read(f"{name}.{bn}", dt))
         left = [n for n, t in block.named_buffers() if t.is_meta]
         if left:
             raise BitnestError(f"{name}.{left[0]} is not in the checkpoint; this architecture cannot stream "

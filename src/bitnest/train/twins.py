@@ -9,7 +9,8 @@ OneBit / BitNet distillation):
 2. every parameter of `model` is frozen but `params(twins)` (the twins' weights, clip logits, norms, ...);
 3. `run(params, twins)` trains them (train/loop.py) and returns its record;
 4. `convert(twins)` swaps the twins for their packed layers, without gradients;
-5. every parameter's `requires_grad` is restored by name (new ones stay frozen) — also when training fails.
+5. every parameter's `requires_grad` is restored (new ones, e.g. a packed layer's bias, stay frozen) — also when
+   training fails.
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ def train_twins(model: nn.Module, names, make: Callable[[str, nn.Module], nn.Mod
                 params: Callable[[dict[str, nn.Module]], list[nn.Parameter]],
                 run: Callable[[list[nn.Parameter], dict[str, nn.Module]], object],
                 convert: Callable[[dict[str, nn.Module]], None], progress: bool = False):
-    """Swap → train only `params` → convert, restoring every parameter's requires_grad; returns run's result."""
-    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    """Swap → train only `params` → convert, restoring every parameter's requires_grad (by identity: the packed
+    layers' new parameters stay frozen); returns run's result."""
+    before = {id(p): p.requires_grad for p in model.parameters()}  # by identity: a new bias of an old name stays frozen
     try:
         twins = swap(model, names, make, progress)
         trained = params(twins)
@@ -52,8 +54,8 @@ def train_twins(model: nn.Module, names, make: Callable[[str, nn.Module], nn.Mod
         with torch.no_grad():
             convert(twins)
     finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(before.get(n, False))
+        for p in model.parameters():
+            p.requires_grad_(before.get(id(p), False))
     return result
 
 
