@@ -8,6 +8,7 @@ every layer computes through the pure-torch reference.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -53,15 +54,35 @@ def ext():
     return _state["mod"]
 
 
+@contextlib.contextmanager
+def _exclusive(where: Path):
+    """One bitnest process at a time in the build directory, under an flock the kernel releases when its holder
+    dies. torch's own lock (FileBaton: a file `lock` created there and deleted when done, taken by every process
+    that loads the extension) stays behind when a process is killed while holding it, and every later process then
+    waits for it forever (seen: a test run SIGKILLed during collection hung the next one). Under our flock no other
+    bitnest process can hold torch's, so a `lock` file found here is stale and is removed."""
+    import fcntl
+
+    with open(where / "bitnest.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (where / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _build():
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        name = _name()
         build_dir = os.environ.get("BITNEST_BUILD_DIR")
-        if build_dir:
-            Path(build_dir).mkdir(parents=True, exist_ok=True)
-        return load(name=_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=build_dir, verbose=False)
+        where = Path(build_dir or _get_build_directory(name, False))
+        where.mkdir(parents=True, exist_ok=True)
+        with _exclusive(where):
+            return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                        build_directory=build_dir, verbose=False)
     except Exception as e:  # no compiler, no ninja, unsupported flags: fall back, say so once
         lines = str(e).strip().splitlines() or [type(e).__name__]
         msg = next((l.strip() for l in lines if "error" in l.lower() and "ninja" not in l), lines[-1])[:200]
