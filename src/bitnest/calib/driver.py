@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed import all_gather, broadcast, rank_world
+from ..distributed import all_gather, from_rank0, rank_world
 from ..errors import BitnestError
 from ..models.blocks import get_blocks, replace_module
 
@@ -293,11 +293,8 @@ def calibrated(model, config, names: list[str], calib, make, stat=Hessian, progr
         raise BitnestError(f"{desc}: its calibration statistics are not data-parallel; run it on one process "
                            "(without torchrun)")
     calib = as_calib(calib, model, config)
-    if world > 1 and block_stream.get() is None:
-        shapes = all_gather(torch.tensor(calib.shape, dtype=torch.long))
-        if any(not torch.equal(s, shapes[0]) for s in shapes):
-            raise BitnestError(f"the calibration tokens differ in shape across processes: {[tuple(s.tolist()) for s in shapes]}")
-        calib = broadcast(calib)  # rank 0's tokens everywhere (they are seeded, but a generated set depends on the kernels)
+    if block_stream.get() is None:  # rank 0's tokens everywhere (seeded, but a generated set depends on the kernels)
+        calib = from_rank0(calib, "calibration tokens")
 
     def process(prefix, block, runner):
         local = [n[len(prefix) + 1:] for n in names if n.startswith(prefix + ".")]

@@ -63,13 +63,10 @@ def _exclusive(where: Path):
     bitnest process can hold torch's, so a `lock` file found here is stale and is removed."""
     import fcntl
 
-    with open(where / "bitnest.flock", "a") as f:
+    with open(where / "bitnest.flock", "a") as f:  # closing the file releases the flock
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            (where / "lock").unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        (where / "lock").unlink(missing_ok=True)
+        yield
 
 
 def _build():
