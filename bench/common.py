@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,16 +39,76 @@ def load(name: str, data_dir=None):
     return load_model(data_file(rel, data_dir)), ctx
 
 
-def eval_row(model, tok, ctx, *, data_dir=None, limit=None, storage=torch.bfloat16, only=None, progress=False) -> dict:
-    """PPL/NLL on WikiText-2 and C4 held-out, bits per quantized weight, model bytes."""
+def eval_row(model, tok, ctx, *, data_dir=None, limit=None, storage=torch.bfloat16, only=None, progress=False,
+             keep_windows=False) -> dict:
+    """PPL/NLL on WikiText-2 and C4 held-out, bits per quantized weight, model bytes; with keep_windows, each
+    window's NLL under `_win_<text>` (in memory only: write_json drops them)."""
     from bitnest.eval.report import evaluate
     out = {}
     for data in ("wikitext2", "c4"):
         r = evaluate(model, tok, data, data_dir=data_dir, ctx=ctx, limit=limit, storage_dtype=storage,
-                     progress=progress, only=only)
+                     progress=progress, only=only, keep_windows=keep_windows)
         out[f"ppl_{data}"], out[f"nll_{data}"], out[f"tokens_{data}"] = r["ppl"], r["nll"], r["tokens"]
         out["bits_per_weight"], out["model_bytes"] = r["bits_per_weight"], r["model_bytes"]
+        if keep_windows:
+            out[f"_win_{data}"] = r["window_nll"]
     return out
+
+
+# ------------------------------------------------------------------ paired intervals (issue 14)
+# A row's per-window NLLs live under `_win_<text>` while a bench runs (same windows for every row); only the
+# interval [lo, hi] of its NLL difference to FP is kept (`ci95_<text>`), never the windows themselves.
+
+def strip_windows(rows):
+    """Copies of the rows (dicts) without their in-memory per-window NLLs (`_win_*`); anything else unchanged."""
+    if not isinstance(rows, list):
+        return rows
+    return [{k: v for k, v in r.items() if not k.startswith("_win_")} if isinstance(r, dict) else r for r in rows]
+
+
+def paired(a: dict, b: dict, text: str) -> tuple[float, float, float] | None:
+    """(mean NLL a − b, lo, hi): paired bootstrap 95 % interval over the windows both rows kept (`_win_<text>`);
+    None when either kept none (a failed row, rows read back from JSON)."""
+    wa, wb = a.get(f"_win_{text}"), b.get(f"_win_{text}")
+    if not wa or not wb:
+        return None
+    from bitnest.eval.perplexity import paired_interval
+    return paired_interval(wa, wb)
+
+
+def add_interval(row: dict, fp: dict | None, texts=("wikitext2", "c4")) -> dict:
+    """row[ci95_<text>] = [lo, hi] of its ΔNLL vs `fp` (nats/token); [0, 0] on an FP row; None without windows."""
+    for d in texts:
+        if row.get("method") == "fp":
+            row[f"ci95_{d}"] = [0.0, 0.0]
+        else:
+            p = None if fp is None else paired(row, fp, d)
+            row[f"ci95_{d}"] = None if p is None else [p[1], p[2]]
+    return row
+
+
+def interval_cell(row: dict, fp: dict | None, text: str) -> str:
+    """`+0.0123 [+0.0050, +0.0190]`: the row's NLL − FP's (nats/token) with its paired 95 % interval, " ≈ FP"
+    appended when the interval contains 0; blank for rows without an interval (failed, or saved before them)."""
+    ci = row.get(f"ci95_{text}")
+    a, b = row.get(f"nll_{text}"), (fp or {}).get(f"nll_{text}")
+    if not ci or a is None or b is None:
+        return ""
+    lo, hi = ci
+    mark = " ≈ FP" if lo <= 0 <= hi and row.get("method") != "fp" else ""
+    return f"{a - b:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark}"
+
+
+def pair_text(p: tuple[float, float, float] | None, a: str = "the first row") -> str:
+    """`paired(x, y, text)` in words: `+0.0123 [+0.0050, +0.0190]: <a> worse outside the interval` (negative =
+    `a`, the first row, has the lower NLL), or `inside the interval: not distinguishable`; a difference counts
+    only outside the interval. 'no paired interval' when the windows are missing."""
+    if p is None:
+        return "no paired interval (rows without per-window NLLs, e.g. read back from JSON)"
+    d, lo, hi = p
+    word = (f"{a} better outside the interval" if hi < 0 else f"{a} worse outside the interval" if lo > 0
+            else "inside the interval: not distinguishable")
+    return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]: {word}"
 
 
 def fmt_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
@@ -82,7 +141,7 @@ def write_json(name: str, rows: list[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / name
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
+    tmp.write_text(json.dumps(strip_windows(rows), indent=1))  # per-window NLLs stay in memory
     os.replace(tmp, p)
     return p
 

@@ -8,6 +8,9 @@ Peers: HQQ with optimize=False is plain MinMax RTN (float zero, like bitnest) �
 HQQ with its default half-quadratic optimizer, torchao IntxWeightOnly (asymmetric, integer zero point) and
 optimum-quanto (its qint8/qint4/qint2 defaults) run side by side. Peer bits per weight count the tensors
 the peer actually stores (torchao's CPU layout keeps one int8 per weight).
+Every row keeps its per-window NLLs in memory (the same windows for FP and every row): ci95_<text> = [lo, hi]
+is the paired bootstrap 95 % interval of its NLL minus its model's FP row's (nats/token, 2000 resamples; FP
+rows [0, 0]); the table marks differences inside the interval "≈ FP". The windows are not written.
 """
 from __future__ import annotations
 
@@ -16,11 +19,13 @@ import copy
 import json
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from common import MODELS, RESULTS, Timer, eval_row, fmt_table, header, load, write_json, write_section  # noqa: E402
+from common import (MODELS, RESULTS, Timer, add_interval, eval_row, fmt_table, header, interval_cell,  # noqa: E402
+                    load, write_json, write_section)
 
 BITS = (8, 6, 4, 3, 2)
 SLICES = (6, 4, 3, 2)
@@ -91,7 +96,8 @@ PARTIAL = RESULTS / "foundation.partial.json"
 
 
 def load_partial() -> dict:
-    """Rows of an unfinished earlier run, by (model, library, method, bits, group, limit)."""
+    """Rows of an unfinished earlier run, by (model, library, method, bits, group, limit); they keep their ci95_*
+    (computed then, against the same FP windows) but no per-window NLLs."""
     if not PARTIAL.exists():
         return {}
     rows = json.loads(PARTIAL.read_text())
@@ -99,6 +105,7 @@ def load_partial() -> dict:
 
 
 def save_partial(row: dict, limit) -> None:
+    row = {k: v for k, v in row.items() if not k.startswith("_win_")}  # the per-window NLLs stay in memory
     rows = list(load_partial().values()) + [{**row, "limit": limit}]
     PARTIAL.parent.mkdir(parents=True, exist_ok=True)
     tmp = PARTIAL.with_suffix(".tmp")
@@ -108,31 +115,36 @@ def save_partial(row: dict, limit) -> None:
 
 def rows_for(name: str, args) -> list[dict]:
     from bitnest.api import quantize
-    from bitnest.eval.bits import bits_report
     from bitnest.nn.qlinear import QuantLinear
 
-    done = load_partial()
+    done = {} if args.no_write else load_partial()  # --no-write leaves results/ alone: no partial file either
     loaded, ctx = load(name, args.data_dir)
     fp, tok, storage = loaded.model, loaded.tokenizer, loaded.storage_dtype
     names = block_linears(fp)
     in_dims = {fp.get_submodule(n).in_features for n in names}
     groups = [None] + [g for g in (128,) if all(d % g == 0 for d in in_dims)]
     rows = []
+    fp_row = None  # this model's FP row, with its per-window NLLs (always evaluated, never taken from a partial file)
 
     def add(library, method, bits, group, model, seconds, bpw_bytes=None):
+        nonlocal fp_row
         key = (name, library, method, bits, group if group else ("channel" if bits < 16 else None), args.limit)
-        if key in done:  # finished by an earlier run that died: keep its row
+        if key in done and method != "fp":  # finished by an earlier run that died: keep its row (and its ci95_*)
             rows.append(done[key])
             return
-        r = eval_row(model, tok, ctx, data_dir=args.data_dir, limit=args.limit, storage=storage)
+        r = eval_row(model, tok, ctx, data_dir=args.data_dir, limit=args.limit, storage=storage, keep_windows=True)
         if bpw_bytes is not None:
             r["bits_per_weight"], r["model_bytes"] = bpw_bytes
         row = {"model": name, "library": library, "method": method, "bits": bits,
                "group_size": group if group else ("channel" if bits < 16 else None), "ctx": ctx, "seconds": seconds, **r}
+        fp_row = row if method == "fp" else fp_row
+        add_interval(row, fp_row)
         rows.append(row)
-        save_partial(row, args.limit)
+        if not args.no_write:
+            save_partial(row, args.limit)
         print(f"  {library:<14}{method:<12}{bits:>3} {str(row['group_size']):>8}  wiki {r['ppl_wikitext2']:>9.2f}  "
-              f"c4 {r['ppl_c4']:>9.2f}  bpw {r['bits_per_weight']:.3f}  {r['model_bytes'] / 2**20:.2f} MiB", flush=True)
+              f"c4 {r['ppl_c4']:>9.2f}  bpw {r['bits_per_weight']:.3f}  {r['model_bytes'] / 2**20:.2f} MiB"
+              f"  ΔNLL c4 {interval_cell(row, fp_row, 'c4') or '-'}", flush=True)
 
     print(f"{name}: ctx {ctx}, {len(names)} linears, groups {groups}", flush=True)
     add("-", "fp", 16 if storage != torch.float32 else 32, None, fp, 0.0)
@@ -177,7 +189,15 @@ def rows_for(name: str, args) -> list[dict]:
 
 COLS = [("model", "model", ""), ("library", "library", ""), ("method", "method", ""), ("bits", "bits", ""),
         ("group_size", "group", ""), ("bits_per_weight", "bits/weight", ".3f"), ("model_bytes_mib", "MiB", ".2f"),
-        ("ppl_wikitext2", "WikiText-2 PPL", ".2f"), ("ppl_c4", "C4 held-out PPL", ".2f"), ("seconds", "quant s", ".2f")]
+        ("ppl_wikitext2", "WikiText-2 PPL", ".2f"), ("d_wikitext2", "Δ NLL Wiki [95 %]", ""),
+        ("ppl_c4", "C4 held-out PPL", ".2f"), ("d_c4", "Δ NLL C4 [95 %]", ""), ("seconds", "quant s", ".2f")]
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table: Δ NLL = row − its model's FP row (nats/token) with the paired 95 % interval."""
+    fps = {r["model"]: r for r in rows if r["method"] == "fp"}
+    shown = [{**r, **{f"d_{d}": interval_cell(r, fps.get(r["model"]), d) for d in ("wikitext2", "c4")}} for r in rows]
+    return fmt_table(shown, COLS)
 
 
 def main(argv=None) -> int:
@@ -193,13 +213,14 @@ def main(argv=None) -> int:
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for name in args.models.split(","):
         rows += rows_for(name, args)
     for r in rows:
         r["model_bytes_mib"] = r["model_bytes"] / 2**20
-    table = fmt_table(rows, COLS)
-    print("\n" + table)
+    text = table(rows)
+    minutes = (time.perf_counter() - t0) / 60
+    print("\n" + text + f"\n\nrun time {minutes:.1f} min")
     if not args.no_write:
         write_json("foundation.json", rows)
         PARTIAL.unlink(missing_ok=True)
@@ -209,8 +230,10 @@ def main(argv=None) -> int:
                 "weight; MiB is the whole model with unquantized tensors at the model's storage dtype. "
                 f"Evaluation: {'first %d windows' % args.limit if args.limit else 'all windows'} of WikiText-2 raw "
                 "test and C4 rows 1800-1999; stories260K is a TinyStories model, so both texts are out of domain "
-                "for it, and its widths (64, 172) admit no group of 128.")
-        write_section("foundation", header("Foundation: RTN and sliced int8 vs peers", note) + "\n" + table)
+                "for it, and its widths (64, 172) admit no group of 128. Δ NLL = row − FP (nats/token) with its "
+                "paired bootstrap 95 % interval over those windows (the same for every row); “≈ FP” = the interval "
+                f"contains 0. Run time {minutes:.1f} min.")
+        write_section("foundation", header("Foundation: RTN and sliced int8 vs peers", note) + "\n" + text)
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, load, write_json, write_section  # noqa: E402
+from common import header, interval_cell, load, write_json, write_section  # noqa: E402
 
 WIDTHS = (8, 4, 3, 2)
 CALIBRATED = ("gptq", "matgptq", "matquant_omniquant")
@@ -231,15 +231,10 @@ def report(rows, checks, a, minutes) -> str:
     lines = ["| method | calib | group | bits | bits/weight | C4 ppl | Δ NLL C4 [95 %] | WikiText-2 ppl | Δ NLL Wiki [95 %] | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def cell(r, d):
-        lo, hi = r[f"ci95_{d}"]
-        mark = " ≈ FP" if lo <= 0 <= hi and r["method"] != "fp" else ""
-        return f"{r[f'nll_{d}'] - fp[f'nll_{d}']:+.4f} [{lo:+.4f}, {hi:+.4f}]{mark}"
-
     for r in rows:
         sec = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
         lines.append(f"| {r['method']} | {r.get('calib') or ''} | {r['group_size']} | {r['bits']} | {r['bits_per_weight']:.3f} | {r['ppl_c4']:.3f} | "
-                     f"{cell(r, 'c4')} | {r['ppl_wikitext2']:.3f} | {cell(r, 'wikitext2')} | {sec} |")
+                     f"{interval_cell(r, fp, 'c4')} | {r['ppl_wikitext2']:.3f} | {interval_cell(r, fp, 'wikitext2')} | {sec} |")
     lam = a.lambdas or "the method's default"
     note = (f"ref-10m, FFN + attention (all 70 Linears of the 10 blocks), asymmetric MinMax int8 parent; {a.n_calib} × 256 C4 "
             f"training tokens shared by every calibrated row; MatGPTQ precisions {a.precisions}, λ {lam}, slice-aware clip "

@@ -14,6 +14,11 @@ For each flavour (qat, omniquant), per-channel MinMax grids (plus one group-128 
 Perplexity (bitnest.eval.report.evaluate, ctx 256, non-overlapping windows) on C4 held-out (rows 1800–1999)
 and WikiText-2 test, the first --limit-c4 / --limit-wiki windows (the same windows for every row); bits per
 FFN weight count every stored bit (codes, fp16 scales and zeros, extra-precision index lists).
+Intervals (issue 14): each row's per-window NLLs are kept in memory (never written); ci95_<text> = [lo, hi] is
+the paired bootstrap 95 % interval of its NLL minus FP's (nats/token, 2000 resamples; FP [0, 0]), shown as
+Δ NLL C4 [95 %] with "≈ FP" when it contains 0. The checks call one row better than another only when the
+paired interval of their difference excludes 0; --from-json (no windows) shows saved intervals and leaves
+those comparisons undecided.
 
 Token budgets: every QAT training (MatQuant and each baseline) sees the same qat_steps × batch × 256 C4
 training tokens (rows 0–1799; default 96 × 4 × 256 = 98,304); every OmniQuant run reconstructs each block on
@@ -50,7 +55,8 @@ from bitnest.models.hf import load_model
 from bitnest.paths import data_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header, write_json, write_section  # noqa: E402
+from common import (RESULTS, add_interval, header, interval_cell, pair_text, paired, write_json,  # noqa: E402
+                    write_section)
 MODEL = "ref-10m"
 CTX = 256
 SLICES = (8, 6, 4, 3, 2)
@@ -102,6 +108,7 @@ class Bench:
         self.fp, self.tok, self.storage = loaded.model, loaded.tokenizer, loaded.storage_dtype
         self.ffn = select_linears(self.fp, "ffn")
         self.rows: list[dict] = []
+        self.fp_row: dict | None = None  # the FP row with its per-window NLLs: every row's interval is against it
         self.t0 = time.time()
         a = args
         # one set of training tokens for every QAT run, one set of calibration sequences for every OmniQuant run
@@ -118,15 +125,18 @@ class Bench:
         out = {"model": MODEL, "granularity": "channel", **row}
         for data, limit in (("wikitext2", a.limit_wiki), ("c4", a.limit_c4)):
             r = evaluate(model, self.tok, data, data_dir=a.data_dir, ctx=CTX, limit=limit, storage_dtype=self.storage,
-                         progress=False, only=self.ffn)
+                         progress=False, only=self.ffn, keep_windows=True)
             out[f"nll_{data}"], out[f"ppl_{data}"], out[f"eval_tokens_{data}"] = r["nll"], r["ppl"], r["tokens"]
+            out[f"_win_{data}"] = r["window_nll"]  # in memory only (write_json drops it)
             out["bits_per_ffn_weight"] = r["bits_per_weight"] if r["quantized_weights"] else 16.0
             out["model_bytes"] = r["model_bytes"]
         out.setdefault("bits", out["bits_per_ffn_weight"])
+        self.fp_row = out if out["method"] == "fp" else self.fp_row
+        add_interval(out, self.fp_row)
         self.rows.append(out)
         print(f"  [{time.time() - self.t0:6.0f}s] {out['flavour']:<9} {out['method']:<26} {out['granularity']:<7} "
               f"r={str(out.get('r', '')):<3} bits/FFN {out['bits_per_ffn_weight']:6.3f}  C4 {out['ppl_c4']:9.2f}  "
-              f"Wiki {out['ppl_wikitext2']:9.2f}", flush=True)
+              f"Wiki {out['ppl_wikitext2']:9.2f}  ΔNLL C4 {interval_cell(out, self.fp_row, 'c4') or '-'}", flush=True)
         return out
 
     def served(self, model, r):
@@ -256,33 +266,42 @@ def summary_table(rows: list[dict], args) -> str:
              f"OmniQuant {args.omni_steps} steps × {args.omni_batch} × {CTX} tokens per block)", "",
              f"FP: C4 PPL {fp['ppl_c4']:.2f} (NLL {fp['nll_c4']:.4f}), WikiText-2 PPL {fp['ppl_wikitext2']:.2f}", ""]
     methods = ["minmax", "sliced_int8", "baseline", "matquant", "single_precision", "extra_precision"]
+    ci = any(r.get("ci95_c4") for r in rows)  # rows saved before the intervals: the old Δ NLL cells
+
+    def delta(x):
+        """Δ NLL C4 vs FP with its paired 95 % interval; rows saved before the intervals: the old 3-digit Δ."""
+        return interval_cell(x, fp, "c4") if ci else f"{x['nll_c4'] - fp['nll_c4']:+.3f}"
+
     for flavour in ("qat", "omniquant"):
         sel = [r for r in rows if r["flavour"] == flavour and r["granularity"] == "channel"]
         if not sel:
             continue
-        lines += [f"**{flavour}**, per channel: C4 PPL (Δ NLL vs FP) / WikiText-2 PPL", "",
-                  "| r | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        lines += [f"**{flavour}**, per channel: C4 PPL (Δ NLL vs FP{' [95 %]; ≈ FP = the interval contains 0' if ci else ''})"
+                  " / WikiText-2 PPL", "", "| r | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
         for r in SLICES:
             cells = []
             for m in methods:
                 hit = [x for x in sel if x["method"] == m and x.get("r") == r]
-                cells.append(f"{hit[0]['ppl_c4']:.1f} ({hit[0]['nll_c4'] - fp['nll_c4']:+.3f}) / {hit[0]['ppl_wikitext2']:.0f}"
+                cells.append(f"{hit[0]['ppl_c4']:.1f} ({delta(hit[0])}) / {hit[0]['ppl_wikitext2']:.0f}"
                              + (f" @{hit[0]['bits_per_ffn_weight']:.2f}b" if m == "extra_precision" else "")
                              if hit else "–")
             lines.append(f"| int{r} | " + " | ".join(cells) + " |")
         mixes = [x for x in sel if x["method"].startswith("mixnmatch")]
         if mixes:
-            lines += ["", "| Mix'n'Match | budget | bits/FFN weight | per block | C4 PPL | WikiText-2 PPL |", "|---|---|---|---|---|---|"]
+            lines += ["", "| Mix'n'Match | budget | bits/FFN weight | per block | C4 PPL | "
+                      + ("Δ NLL C4 [95 %] | " if ci else "") + "WikiText-2 PPL |", "|---|---|---|---|---|" + ("---|" if ci else "") + "---|"]
             for x in mixes:
                 lines.append(f"| {x['method'][10:]} | {x['budget']} | {x['bits_per_ffn_weight']:.3f} | {x['mix']} | "
-                             f"{x['ppl_c4']:.2f} | {x['ppl_wikitext2']:.1f} |")
+                             f"{x['ppl_c4']:.2f} | " + (f"{interval_cell(x, fp, 'c4')} | " if ci else "")
+                             + f"{x['ppl_wikitext2']:.1f} |")
         lines.append("")
     g = [r for r in rows if r["granularity"] == "g128" and r["flavour"] == "qat"]
     if g:
-        lines += ["**group 128** (qat): C4 PPL", "", "| r | minmax | matquant |", "|---|---|---|"]
+        lines += [f"**group 128** (qat): C4 PPL{' (Δ NLL vs FP [95 %])' if ci else ''}", "", "| r | minmax | matquant |",
+                  "|---|---|---|"]
         for r in SLICES:
-            cells = [next((f"{x['ppl_c4']:.1f}" for x in g if x["method"] == m and x.get("r") == r), "–")
-                     for m in ("minmax", "matquant")]
+            cells = [next((f"{x['ppl_c4']:.1f}" + (f" ({delta(x)})" if ci else "") for x in g
+                           if x["method"] == m and x.get("r") == r), "–") for m in ("minmax", "matquant")]
             lines.append(f"| int{r} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -327,11 +346,17 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def claims(rows: list[dict]) -> str:
-    """The issue's done-when checks, computed from the rows (per channel, C4 held-out)."""
+    """The issue's done-when checks, computed from the rows (per channel, C4 held-out). One row is better than
+    another only when the paired bootstrap 95 % interval of their NLL difference over the evaluation windows
+    excludes 0 (rows read back from JSON keep no windows: those comparisons are reported without a verdict)."""
     def get(flavour, method, r):
         hit = [x for x in rows if x["flavour"] == flavour and x["granularity"] == "channel" and x["method"] == method
                and x.get("r") == r]
         return hit[0] if hit else None
+
+    def ci(x):
+        c = x.get("ci95_c4")
+        return f" [{c[0]:+.4f}, {c[1]:+.4f}]" if c else ""
 
     out = []
     for flavour in ("qat", "omniquant"):
@@ -339,23 +364,25 @@ def claims(rows: list[dict]) -> str:
         if not (fp and mq2 and bl2):
             continue
         ratio = (mq2["nll_c4"] - fp["nll_c4"]) / (bl2["nll_c4"] - fp["nll_c4"])
-        out.append(f"- {flavour}: int2 gap to FP (Δ NLL, C4) MatQuant {mq2['nll_c4'] - fp['nll_c4']:+.4f} vs Baseline "
-                   f"{bl2['nll_c4'] - fp['nll_c4']:+.4f}: ratio {ratio:.2f} (paper's claim: ≤ 0.7 on QAT; "
-                   f"MatQuant int2 {'better' if mq2['ppl_c4'] < bl2['ppl_c4'] else 'worse'} than its Baseline)")
+        out.append(f"- {flavour}: int2 gap to FP (Δ NLL, C4) MatQuant {mq2['nll_c4'] - fp['nll_c4']:+.4f}{ci(mq2)} vs Baseline "
+                   f"{bl2['nll_c4'] - fp['nll_c4']:+.4f}{ci(bl2)}: ratio {ratio:.2f} (paper's claim: ≤ 0.7 on QAT); "
+                   f"MatQuant − Baseline int2 Δ NLL [paired 95 %] {pair_text(paired(mq2, bl2, 'c4'), 'MatQuant')}")
         for r in (8, 4, 3):
             mq, bl, sl = get(flavour, "matquant", r), get(flavour, "baseline", r), get(flavour, "sliced_int8", r)
             if mq and bl:
                 out.append(f"  - int{r}: MatQuant {mq['ppl_c4']:.2f} vs Baseline {bl['ppl_c4']:.2f} "
-                           f"({100 * (mq['ppl_c4'] / bl['ppl_c4'] - 1):+.2f} %)"
-                           + (f"; Sliced int8 {sl['ppl_c4']:.2f}" if sl and r == 3 else ""))
+                           f"({100 * (mq['ppl_c4'] / bl['ppl_c4'] - 1):+.2f} %; Δ NLL "
+                           f"{pair_text(paired(mq, bl, 'c4'), 'MatQuant')})"
+                           + (f"; Sliced int8 {sl['ppl_c4']:.2f} (MatQuant − Sliced int8 Δ NLL "
+                              f"{pair_text(paired(mq, sl, 'c4'), 'MatQuant')})" if sl and r == 3 else ""))
         i3 = get(flavour, "matquant", 3)
         mixes = [x for x in rows if x["flavour"] == flavour and x["granularity"] == "channel"
                  and x["method"].startswith("mixnmatch") and x["bits_per_ffn_weight"] <= 3.0 + 1e-9]
         if i3 and mixes:
-            best = min(mixes, key=lambda x: x["ppl_c4"])
+            best, who = min(mixes, key=lambda x: x["ppl_c4"]), "Mix'n'Match"
             out.append(f"  - best Mix'n'Match at ≤ 3.0 bits/FFN weight: {best['method'][10:]} {best['mix']} "
                        f"({best['bits_per_ffn_weight']:.3f} b) C4 {best['ppl_c4']:.2f} vs interpolated int3 "
-                       f"({i3['bits_per_ffn_weight']:.3f} b) {i3['ppl_c4']:.2f}")
+                       f"({i3['bits_per_ffn_weight']:.3f} b) {i3['ppl_c4']:.2f} (Δ NLL {pair_text(paired(best, i3, 'c4'), who)})")
     return "\n".join(out) + "\n"
 
 

@@ -39,6 +39,11 @@ the model's training context, the first --limit windows of WikiText-2 raw test a
 once per model and shared by every calibrated method, bitnest and peer alike. bits_per_weight counts every
 stored bit (codes, scales, zeros, tables, g_idx) per quantized weight, floats at the model's storage dtype.
 `seconds` is quantization time (calibration, search or training included; evaluation excluded).
+Intervals (issue 14): every row keeps its per-window NLLs in memory (the same windows for every row of a
+model); ci95_<text> = [lo, hi] is the paired bootstrap 95 % interval of its NLL minus its model's FP row's
+(nats/token, 2000 resamples; FP rows [0, 0]), shown as Δ NLL [95 %] with "≈ FP" when it contains 0. In the
+checks a row beats another only when the paired interval of their NLL difference excludes 0 on its side;
+the windows are not written, so --from-json shows the saved ci95 but leaves the row-vs-row checks undecided.
 
 Writes bench/results/survey.json (rows), bench/results/survey.png (C4 held-out PPL, log scale, against
 bits per weight, every method) and the `survey` section of BENCHMARKS.md; with --no-write, only the JSON and
@@ -63,7 +68,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import MODELS, RESULTS, ROOT, Timer, eval_row, fmt_table, header, load, write_json, write_section  # noqa: E402
+from common import (MODELS, RESULTS, ROOT, Timer, add_interval, eval_row, fmt_table, header,  # noqa: E402
+                    interval_cell, load, pair_text, paired, strip_windows, write_json, write_section)
 
 BITS = (8, 4, 3, 2)
 GROUPS = (None, 128, 64)  # None: per output channel
@@ -139,6 +145,7 @@ class Survey:
         self.hf_dir = self._hf_dir()
         self._calib = None
         self._sens = {}
+        self.fp_row = None  # this model's FP row with its per-window NLLs: every row's interval is against it
 
     # -- inputs shared by the rows
     def _hf_dir(self):
@@ -387,12 +394,15 @@ class Survey:
                 e0, c0 = time.perf_counter(), time.process_time()
                 row = self.row(s, m, out.seconds, out.bb, note, bits=r, group=out.group)
                 row["eval_seconds"], ecpu = time.perf_counter() - e0, time.process_time() - c0
+                self.fp_row = row if s.method == "fp" else self.fp_row
+                add_interval(row, self.fp_row)
                 rows.append(row)
                 on_row(row)
                 el = time.perf_counter() - t0
                 print(f"  [{el:5.0f}s] {row['library']:<14} {row['method']:<20} {str(row['bits']):>4} {str(row['group_size']):>8}"
                       f"  bpw {row['bits_per_weight']:6.3f}  wiki {row['ppl_wikitext2']:10.2f}  c4 {row['ppl_c4']:10.2f}"
                       f"  quant {row['seconds']:6.2f}s (cpu {qcpu:6.2f})  eval {row['eval_seconds']:5.2f}s (cpu {ecpu:5.2f})"
+                      f"  ΔNLL c4 {interval_cell(row, self.fp_row, 'c4') or '-'}"
                       f"{'  ' + note if note else ''}", flush=True)
                 qcpu = 0.0
             del m
@@ -405,7 +415,8 @@ class Survey:
         if m is None:
             return {**base, "bits_per_weight": float("nan"), "model_bytes": None, "ppl_wikitext2": float("nan"),
                     "ppl_c4": float("nan")}
-        r = eval_row(m, self.tok, self.ctx, data_dir=self.args.data_dir, limit=self.args.limit, storage=self.storage)
+        r = eval_row(m, self.tok, self.ctx, data_dir=self.args.data_dir, limit=self.args.limit, storage=self.storage,
+                     keep_windows=True)
         if bb is not None:
             r["bits_per_weight"], r["model_bytes"] = bb
         return {**base, **r}
@@ -767,7 +778,16 @@ def plot(rows: list[dict], out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------- main
 COLS = [("model", "model", ""), ("library", "library", ""), ("method", "method", ""), ("bits", "bits", ""),
         ("group_size", "group", ""), ("bits_per_weight", "bits/weight", ".3f"), ("ppl_wikitext2", "WikiText-2 PPL", ".2f"),
-        ("ppl_c4", "C4 held-out PPL", ".2f"), ("seconds", "quant s", ".1f"), ("note", "note", "")]
+        ("d_wikitext2", "Δ NLL Wiki [95 %]", ""), ("ppl_c4", "C4 held-out PPL", ".2f"), ("d_c4", "Δ NLL C4 [95 %]", ""),
+        ("seconds", "quant s", ".1f"), ("note", "note", "")]
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table: Δ NLL = row − its model's FP row (nats/token) with the paired 95 % interval; blank for
+    failed rows and rows saved without intervals."""
+    fps = {r["model"]: r for r in rows if r["method"] == "fp"}
+    shown = [{**r, **{f"d_{d}": interval_cell(r, fps.get(r["model"]), d) for d in ("wikitext2", "c4")}} for r in rows]
+    return fmt_table(shown, COLS)
 
 
 def main(argv=None) -> int:
@@ -868,8 +888,8 @@ def main(argv=None) -> int:
 
 
 def finish(rows, args, out_dir: Path, wall, est) -> int:
-    table = fmt_table(rows, COLS)
-    print("\n" + table)
+    text = table(rows)
+    print("\n" + text)
     if wall is not None:
         print(f"\n{len(rows)} rows in {wall / 60:.1f} min (estimated {est / 60:.1f})")
     try:
@@ -885,15 +905,20 @@ def finish(rows, args, out_dir: Path, wall, est) -> int:
                 f"held-out rows 1800-1999 at the model's training context; calibration: {args.n_calib} windows of C4 "
                 "training rows 0-1799, shared by every calibrated method (bitnest and peers). bits/weight counts every "
                 "stored bit per quantized weight (codes, scales, zeros, tables, g_idx), floats at the storage dtype; "
-                "`quant s` is quantization time. Peer GPTQs run in an overlay venv (see bench/survey.py). "
-                "![survey](bench/results/survey.png)")
-        write_section("survey", header("Survey: every method vs the peers", note) + "\n" + table
+                "`quant s` is quantization time. Δ NLL = row − FP (nats/token) with its paired bootstrap 95 % "
+                "interval over the evaluation windows (the same for every row); “≈ FP” = the interval contains 0. "
+                "Peer GPTQs run in an overlay venv (see bench/survey.py). "
+                + (f"Run time {wall / 60:.1f} min. " if wall is not None else "")
+                + "![survey](bench/results/survey.png)")
+        write_section("survey", header("Survey: every method vs the peers", note) + "\n" + text
                       + "\n\nThe issue's checks, from these rows:\n\n" + check_text)
     return 0
 
 
 def checks(rows: list[dict]) -> str:
-    """The issue's done-when, computed from the rows (C4 held-out unless said)."""
+    """The issue's done-when, computed from the rows (C4 held-out unless said). A difference between two rows
+    counts only outside the paired bootstrap 95 % interval of their NLL difference over the evaluation windows
+    (common.paired); rows read back from JSON keep no windows, so those comparisons are reported undecided."""
     ok = lambda r: r.get("ppl_c4") is not None and r["ppl_c4"] == r["ppl_c4"]  # failed rows carry NaN / null
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -905,31 +930,44 @@ def checks(rows: list[dict]) -> str:
                          and r["group_size"] == 128), None)
             for pr in (r for r in peers_gptq if r["bits"] == b and r["group_size"] == 128):
                 if ours:
+                    pc, pw = paired(ours, pr, "c4"), paired(ours, pr, "wikitext2")
                     out.append(f"- {model} GPTQ W{b} g128: bitnest C4 {ours['ppl_c4']:.2f} / WikiText-2 "
                                f"{ours['ppl_wikitext2']:.2f} vs {pr['library']} {pr['ppl_c4']:.2f} / {pr['ppl_wikitext2']:.2f} "
                                f"({100 * (ours['ppl_c4'] / pr['ppl_c4'] - 1):+.2f} % / "
-                               f"{100 * (ours['ppl_wikitext2'] / pr['ppl_wikitext2'] - 1):+.2f} %)")
+                               f"{100 * (ours['ppl_wikitext2'] / pr['ppl_wikitext2'] - 1):+.2f} %)"
+                               + (f"; Δ NLL bitnest − {pr['library']} [paired 95 %] C4 {pair_text(pc, 'bitnest')}; "
+                                  f"WikiText-2 {pair_text(pw, 'bitnest')}" if pc and pw else ""))
         ours_all = [r for r in rs if r["library"] == "bitnest"]
         for b in (3, 2):
             peers = [r for r in rs if r["library"] not in ("bitnest", "-") and r["bits"] == b]
-            lost = []
+            lost, undecided = [], []
             for pr in peers:
                 best = min((r for r in ours_all if r["bits_per_weight"] <= pr["bits_per_weight"] + 1e-9),
                            key=lambda r: r["ppl_c4"], default=None)
-                if best is None or best["ppl_c4"] >= pr["ppl_c4"]:
-                    lost.append(f"{pr['library']} {pr['method']} g={pr['group_size']} {pr['ppl_c4']:.2f} @ "
-                                f"{pr['bits_per_weight']:.3f} b (bitnest best there: "
-                                + (f"{best['method']} {best['ppl_c4']:.2f})" if best else "none)"))
+                p = None if best is None else paired(best, pr, "c4")  # (best − peer, lo, hi)
+                if p is not None and p[2] < 0:
+                    continue  # beaten: lower C4 NLL, the whole interval below 0
+                what = (f"{pr['library']} {pr['method']} g={pr['group_size']} {pr['ppl_c4']:.2f} @ "
+                        f"{pr['bits_per_weight']:.3f} b (bitnest best there: "
+                        + (f"{best['method']} {best['ppl_c4']:.2f}" if best else "none")
+                        + (f", Δ NLL {pair_text(p, 'bitnest')})" if p is not None else ")"))
+                (undecided if best is not None and p is None else lost).append(what)
+            # undecided: rows read back from JSON (no per-window NLLs), so no interval to decide on
             out.append(f"- {model} {b}-bit: bitnest's best at ≤ each peer row's bits/weight beats "
-                       f"{len(peers) - len(lost)} of {len(peers)} "
-                       "peer rows" + ("" if not lost else "; not: " + "; ".join(lost)))
+                       f"{len(peers) - len(lost) - len(undecided)} of {len(peers)} "
+                       "peer rows (beats = lower C4 NLL with the paired 95 % interval of the difference below 0)"
+                       + ("" if not lost else "; not: " + "; ".join(lost))
+                       + ("" if not undecided else f"; undecided (no per-window NLLs in these rows, e.g. read back "
+                                                   f"from JSON): {len(undecided)}"))
         if fp:
             for m in ("w8a8_dynamic", "intonly_w8a8"):
                 r = next((r for r in rs if r["method"] == m), None)
                 if r:
+                    dc, dw = interval_cell(r, fp, "c4"), interval_cell(r, fp, "wikitext2")
                     out.append(f"- {model} {m}: C4 {r['ppl_c4']:.2f} vs FP {fp['ppl_c4']:.2f} "
                                f"({100 * (r['ppl_c4'] / fp['ppl_c4'] - 1):+.2f} %), WikiText-2 "
-                               f"{100 * (r['ppl_wikitext2'] / fp['ppl_wikitext2'] - 1):+.2f} %")
+                               f"{100 * (r['ppl_wikitext2'] / fp['ppl_wikitext2'] - 1):+.2f} %"
+                               + (f"; Δ NLL vs FP [95 %] C4 {dc}, WikiText-2 {dw}" if dc and dw else ""))
     return "\n".join(out) + "\n"
 
 
@@ -938,7 +976,7 @@ def write_json_to(out_dir: Path, rows: list[dict]) -> None:
     def clean(v):  # NaN (a failed row, a loaded checkpoint's unknown time) is not JSON: null
         return None if isinstance(v, float) and v != v else v
     keep = [{**{k: clean(r.get(k)) for k in JSON_KEYS}, **{k: clean(v) for k, v in r.items() if k not in JSON_KEYS}}
-            for r in rows]
+            for r in strip_windows(rows)]  # the per-window NLLs stay in memory
     if out_dir == RESULTS:
         write_json("survey.json", keep)
     else:
