@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--symmetric", action="store_true", default=argparse.SUPPRESS)
     q.add_argument("--targets", type=targets, default=None, help="all (default; matquant: ffn) | ffn | attn | comma-separated globs over module names")
     q.add_argument("--flavour", choices=("qat", "omniquant"), help="matquant: end-to-end QAT (default) or block-wise OmniQuant")
-    q.add_argument("--lambdas", help="matquant/matgptq: loss weight per precision, in the order of --bits (default matquant 0.1,...,0.1,1; matgptq doubling from the narrowest, e.g. 8,4,2,1)")
+    q.add_argument("--lambdas", help="matquant/matgptq: loss weight per precision, in the order of --bits (default matquant 0.1,...,0.1,1; matgptq 2 for each but the narrowest, 1 for it, e.g. 2,2,2,1)")
     q.add_argument("--codistill", help="matquant: co-distillation in the paper's notation, e.g. \"[8,4,2,8→2]\" or \"[8,4,2,8->4;2]\"")
     q.add_argument("--calib-data", help="calibrated methods (gptq, matgptq, clip, omniquant, …): c4 (training rows), self "
                    "(sequences sampled from the model: no corpus, its own domain) or any .txt/.jsonl file (default: c4 "

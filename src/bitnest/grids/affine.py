@@ -163,6 +163,8 @@ class AffineGrid:
     def fit(self, W: torch.Tensor, gamma=None):
         """Params for the columns W (out, k): (alpha, z) each (out, 1) — or (1, 1) for a per-tensor grid."""
         spec = AffineSpec(self.spec.bits, -1 if self.spec.group_size == -1 else None, self.spec.symmetric, self.spec.int_zero)
+        if gamma is not None and gamma.dim() == 3:  # (2, out, 1): separate ratios for max and min
+            return fit(W, spec, gamma[0], gamma[1])
         return fit(W, spec, gamma, gamma)
 
     def prepare(self, params):

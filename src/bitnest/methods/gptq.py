@@ -42,7 +42,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: "AffineGrid | CodebookGrid", *,
     g = grid.spec.group_size
     g = None if g in (None, -1) or g >= n else g
     static = act_order if static_groups is None else static_groups
-    gam = (lambda j: None) if gamma is None else (lambda j: gamma[:, j:j + 1])
+    gam = (lambda j: None) if gamma is None else (lambda j: gamma[..., j:j + 1])
     if g is None:
         params = [grid.fit(W, gam(0))]
     elif static:
@@ -88,6 +88,8 @@ class GPTQConfig(CalibOptions, QuantConfig):
     blocksize: int = 128
     true_sequential: bool = True
     clip: bool = False  # data-adaptive clipping: ratios searched on the output error tr(ΔW H ΔWᵀ)
+    clip_stretch: float = 1.0  # with clip: also try stretching the max side by up to this factor (5 steps from 1)
+    clip_block: int = 0  # with clip: score on H's diagonal blocks of this many inputs (0: all of H; groups: per group)
     grid: str = "affine"  # affine | nf | log | kmeans (codebook grids give CodebookLinear layers)
     nested: bool = False  # store parent_bits-bit codes (Matryoshka), error feedback at the served `bits`
     parent_bits: int = 8
@@ -103,6 +105,8 @@ class GPTQConfig(CalibOptions, QuantConfig):
             raise BitnestError(f"nested gptq needs 1 <= bits <= parent_bits <= 8, got {self.bits}, {self.parent_bits}")
         if not 0 <= self.percdamp < 1:
             raise BitnestError(f"percdamp must be in [0, 1), got {self.percdamp}")
+        if not 1.0 <= float(self.clip_stretch) <= 4.0 or int(self.clip_block) < 0:
+            raise BitnestError(f"clip_stretch must be in [1, 4] and clip_block ≥ 0, got {self.clip_stretch}, {self.clip_block}")
         if self.grid not in GRIDS or (self.grid != "affine" and (self.nested or self.clip)):
             raise BitnestError(f"gptq grid must be one of {GRIDS} (nested and clip are affine-only), got {self.grid}")
 
@@ -113,11 +117,13 @@ class MatGPTQConfig(GPTQConfig):
     bits: int | None = None  # width served by default (any r ≤ parent_bits at load time); None: max(precisions)
     nested: bool = True
     precisions: tuple = ()  # the widths optimised for; () = (8, 4, 3, 2)
-    lambdas: tuple = ()  # λ_r in the order of `precisions`; () = doubling from the narrowest: (8, 4, 2, 1) for 8,4,3,2
-    # slice-aware clipping on by default: the clip ratio per row is searched on the λ-weighted output error of every
-    # slice. ref-10m per channel (C4 / WikiText-2, 32 windows): int2 175.9 / 413.6 with it vs 181.2 / 434.8 without,
-    # int8 and int4 unchanged within 0.2 % (BENCHMARKS.md "Matryoshka GPTQ")
+    lambdas: tuple = ()  # λ_r in the order of `precisions`; () = 2 for each but the narrowest, 1 for it: (2, 2, 2, 1)
+    # slice-aware clipping on by default: the clip ratios are searched on the λ-weighted output error of every
+    # slice, the max side also stretched up to 256/192 (an int2 slice of an int8 parent tops out at code 192), scored
+    # on H's 128-input diagonal blocks (per group with groups). ref-10m (BENCHMARKS.md "Matryoshka GPTQ")
     clip: bool = True
+    clip_stretch: float = 4 / 3
+    clip_block: int = 128
 
     def __post_init__(self):
         from .matquant import parse_bits, parse_lambdas
@@ -150,12 +156,14 @@ DEFAULT_MAT_PRECISIONS = (8, 4, 3, 2)
 
 
 def default_mat_lambdas(precisions) -> tuple[float, ...]:
-    """λ doubling from the narrowest width up: (8, 4, 2, 1) for 8,4,3,2. Why not MatGPTQ's equal weights: a shared
-    compensation step spreads the λ-mean error, and with int2 in the set that mean is dominated by int2's large
-    error, which the int8 slice then carries (ref-10m, per channel, C4: equal λ costs int8 +0.54 % and int4 +0.68 %
-    vs GPTQ at that width; (8, 4, 2, 1) +0.04 % / +0.43 %, its int2 gap to FP 1.12× GPTQ-int2's)."""
-    ranks = {r: i for i, r in enumerate(sorted(precisions))}
-    return tuple(float(1 << ranks[r]) for r in precisions)
+    """λ = 2 for every width but the narrowest, 1 for it: (2, 2, 2, 1) for 8,4,3,2. A shared compensation step spreads
+    the λ-mean error, so the narrowest slice's large error must not dominate it (MatGPTQ's equal weights cost int8/int4
+    up to 0.7 % on ref-10m), yet it needs enough weight for its own compensation: with the stretched slice-aware clip,
+    ref-10m C4 held-out 128 windows vs GPTQ alone at each width, int8 / int4 +0.02 / +0.17 % per channel and
+    +0.13 / +0.36 % g64, int2 gap to FP 0.66× / 1.14× GPTQ-int2's; (4, 4, 2, 1) gave int2 0.85× / 1.00×, and (8, 4, 2, 1) 0.84× /
+    1.05× at 32 windows."""
+    narrowest = min(precisions)
+    return tuple(1.0 if r == narrowest else 2.0 for r in precisions)
 
 
 def quantize_linears(lins: list, H: torch.Tensor, config: GPTQConfig, bits: list[int]) -> list[QuantLinear]:
@@ -188,8 +196,11 @@ def _gptq_stack(lins: list, H: torch.Tensor, config: GPTQConfig, bits: int) -> l
     gamma = None
     if config.clip:
         from ..calib.clip import search_clip
-        gamma = torch.cat([search_clip(lin.weight, H, spec, serve_bits=grid.r, multi=getattr(grid, "multi", None))
-                           for lin in lins])  # (R, G)
+        st = float(config.clip_stretch)
+        tops = tuple(1 + (st - 1) * k / 4 for k in range(5)) if st > 1 else (1.0,)
+        gamma = torch.cat([search_clip(lin.weight, H, spec, serve_bits=grid.r, multi=getattr(grid, "multi", None),
+                                       tops=tops, block=int(config.clip_block) or None, coarse=st > 1)
+                           for lin in lins], -2)  # (R, G), or (2, R, G): γ for max and min
     W = torch.cat([lin.weight.detach() for lin in lins])  # (Σ out, in)
     Q, a, b = gptq(W, H, grid, blocksize=config.blocksize, percdamp=config.percdamp, act_order=config.act_order, gamma=gamma)
     mods, r0 = [], 0
