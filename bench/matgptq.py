@@ -193,8 +193,9 @@ def main(argv=None) -> int:
         print(("PASS " if c[1] else "FAIL ") + c[0], flush=True)
     if a.quick:
         return 0
-    write_json(f"{a.name}.json", rows)
-    write_section(a.name, report(rows, checks, a, (time.perf_counter() - t_all) / 60))
+    kept = kept_trained_rows(a) if a.skip_trained else []
+    write_json(f"{a.name}.json", rows + kept)
+    write_section(a.name, report(rows, checks, a, (time.perf_counter() - t_all) / 60, kept))
     return 0
 
 
@@ -226,7 +227,17 @@ def verdicts(rows, groups) -> list[tuple[str, bool]]:
     return out
 
 
-def report(rows, checks, a, minutes) -> str:
+def kept_trained_rows(a) -> list[dict]:
+    """With --skip-trained: the MatQuant QAT / OmniQuant rows of an earlier run (marked with its `run` name) carried
+    over from the results file, so the table keeps the trained flavours beside the one-shot ones."""
+    import json
+    from common import RESULTS
+    path = RESULTS / f"{a.name}.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    return [r for r in old if r.get("run") and r["method"].startswith("matquant_")]
+
+
+def report(rows, checks, a, minutes, kept=()) -> str:
     fp = rows[0]
     lines = ["| method | calib | group | bits | bits/weight | C4 ppl | Δ NLL C4 [95 %] | WikiText-2 ppl | Δ NLL Wiki [95 %] | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -238,14 +249,29 @@ def report(rows, checks, a, minutes) -> str:
     lam = a.lambdas or "the method's default"
     note = (f"ref-10m, FFN + attention (all 70 Linears of the 10 blocks), asymmetric MinMax int8 parent; {a.n_calib} × 256 C4 "
             f"training tokens shared by every calibrated row; MatGPTQ precisions {a.precisions}, λ {lam}, slice-aware clip "
-            f"{'on' if a.clip else 'off'} (GPTQ rows: plain, no clip); MatQuant QAT "
-            f"{a.qat_steps} steps × 4 × 256 tokens, OmniQuant {a.omni_steps} steps per block on 64 of the calibration "
-            f"sequences (R = 8, 4, 2; int3 interpolated). Perplexity on the first {a.limit} windows × 256 tokens of each text; "
+            f"{'on (max side stretched up to 4/3, scored on H’s 128-input diagonal blocks, per group with groups)' if a.clip else 'off'} "
+            f"(GPTQ rows: plain, no clip); "
+            + ("MatQuant QAT / OmniQuant not rerun (below). " if a.skip_trained else
+               f"MatQuant QAT {a.qat_steps} steps × 4 × 256 tokens, OmniQuant {a.omni_steps} steps per block on 64 of "
+               "the calibration sequences (R = 8, 4, 2; int3 interpolated). ")
+            + f"Perplexity on the first {a.limit} windows × 256 tokens of each text; "
             f"Δ NLL = row − FP (nats/token) with its paired bootstrap 95 % interval over those windows; “≈ FP” = the interval "
             f"contains 0. Run time {minutes:.1f} min.\n\n"
             + "\n".join(("- PASS " if ok else "- **FAIL** ") + t for t, ok in checks) + "\n")
     title = "Matryoshka GPTQ" + ("" if a.name == "matgptq" else f" ({a.name})")
-    return header(title, note) + "\n" + "\n".join(lines)
+    tail = ""
+    if kept:
+        runs = sorted({r["run"] for r in kept})
+        cell = lambda m, g: " / ".join(f"{r['ppl_c4']:.1f}" for b in WIDTHS for r in kept
+                                       if r["method"] == m and r["group_size"] == gname(g) and r["bits"] == b)
+        tail = ("\n\nThe MatQuant QAT / OmniQuant rows (R = 8, 4, 2) are not rerun here (--skip-trained): they come from "
+                f"run {', '.join(runs)} (section \"Matryoshka GPTQ ({runs[0]})\", its own windows and training budgets) and are "
+                f"kept in `bench/results/{a.name}.json` with their `run` name. C4 ppl at int8 / 4 / 3 / 2 there: "
+                + "; ".join(f"{gl} QAT {cell('matquant_qat', g)}, OmniQuant {cell('matquant_omniquant', g)}"
+                            for g, gl in ((None, "per channel"), (64, "g64"))) + ".")
+    tail += ("\n\nMatGPTQ's published numbers could not be read here (the stored paper pages stop at the abstract); its "
+             "repository's settings are widths {8, 4, 3}, λ = 1, 1, 1, g128 symmetric (Llama-3.1-8B).")
+    return header(title, note) + "\n" + "\n".join(lines) + tail
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ range (α = (γ·max − γ·min)/(2^b − 1)) that minimizes the layer's output
 
     ‖X Wᵀ − X Ŵᵀ‖² / n  =  ½ · Σ_rows ΔW_r H ΔW_rᵀ,    H = 2XᵀX/n,  ΔW = W − Ŵ(γ).
 
-Rows are independent, so the search is one grid search per row (all of a row's groups share its γ).
+Rows are independent, so the search is one grid search per row (all of a row's groups share its γ). Scored on H's
+diagonal blocks only (`block`), groups decouple too and each (row, group) gets its own γ (AWQ's auto-clip objective).
+For a nested parent (Matryoshka GPTQ) the search is slice-aware (`multi`) and may also stretch the max side (`tops`).
 """
 from __future__ import annotations
 
@@ -26,12 +28,18 @@ def qdq(W: torch.Tensor, spec: AffineSpec, gamma: torch.Tensor | None, serve_bit
     """[(λ, Ŵ (out, in))] of the grid fitted with clipping γ (R, G) — or (2, R, G): separate ratios for the max and
     the min — one (1, Ŵ) served at `serve_bits` (a nested grid's slice), or with `multi` (grids/nested.MultiWidth)
     one per width, codes rounded for all widths."""
+    return list(_qdq(W, spec, gamma, serve_bits, multi))
+
+
+def _qdq(W, spec, gamma, serve_bits=None, multi=None):
+    """`qdq` one width at a time (one Ŵ alive: the search's memory is a few copies of W, not one per width)."""
     gmax, gmin = (gamma, gamma) if gamma is None or gamma.dim() == 2 else (gamma[0], gamma[1])
     alpha, z = fit(W, spec, gmax, gmin)
     q = quantize(W, spec, alpha, z, multi)  # (out, in) uint8
     widths = [(serve_bits or spec.bits, 1.0)] if multi is None else list(zip(multi.widths, multi.lambdas))
     c = spec.bits
-    return [(lam, dequantize(q if r == c else slice_codes(q, c, r), spec, alpha, z, shift=c - r)) for r, lam in widths]
+    for r, lam in widths:
+        yield lam, dequantize(q if r == c else slice_codes(q, c, r), spec, alpha, z, shift=c - r)
 
 
 def block_error(W: torch.Tensor, What: torch.Tensor, Hb: torch.Tensor | None, b: int) -> torch.Tensor:
@@ -72,14 +80,14 @@ def search_clip(W: torch.Tensor, H: torch.Tensor | None, spec: AffineSpec, serve
         per = G > 1  # one γ per (row, group), else per row
 
         def err_of(gamma):  # (R, G) or (R, 1)
-            e = sum(lam * block_error(W, What, Hb, b) for lam, What in qdq(W, spec, gamma, serve_bits, multi))
+            e = sum(lam * block_error(W, What, Hb, b) for lam, What in _qdq(W, spec, gamma, serve_bits, multi))
             return e if per else e.sum(1, keepdim=True)
     else:
         per = False
 
         def err_of(gamma):
             e = sum(lam * (output_error(W, What, H) if H is not None else ((W - What) ** 2).sum(1))
-                    for lam, What in qdq(W, spec, gamma, serve_bits, multi))  # (out,)
+                    for lam, What in _qdq(W, spec, gamma, serve_bits, multi))  # (out,)
             return e.sum().reshape(1, 1) if R == 1 else e[:, None]
 
     shape = (R, G) if per else (R, 1)

@@ -48,6 +48,9 @@ def slice_ste(q_float: torch.Tensor, c: int, r: int, clamp: bool = True) -> torc
 # ------------------------------------------------------------------------------------ multi-width rounding
 
 
+_CHUNK = 1 << 20  # elements per pass of MultiWidth.round
+
+
 class MultiWidth:
     """The nested rounding objective of Matryoshka GPTQ (MatGPTQ, Kleinegger et al. 2026): the c-bit code q of
     a weight at u = w/α + z (its position on the parent's grid) that minimises the λ-weighted squared error of
@@ -125,6 +128,9 @@ class MultiWidth:
             idx = torch.searchsorted(self.breaks.to(u.device), u.double().contiguous())
             return self.codes.to(u.device)[idx].to(u.dtype)
         lo, w, counts, pad, up = (x.to(u.device) if isinstance(x, torch.Tensor) else x for x in self._lut)
+        if u.numel() > _CHUNK:  # bounded temporaries (several int64 copies of u) and cache-sized passes
+            flat = u.reshape(-1)
+            return torch.cat([self.round(flat[i:i + _CHUNK]) for i in range(0, flat.numel(), _CHUNK)]).reshape(u.shape)
         if u.dtype != torch.float32:
             u, pad_ = u.double(), pad
         else:
