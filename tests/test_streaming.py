@@ -103,6 +103,47 @@ def test_calibrated_streaming_equals_in_memory(method, kw, tiny_untied, tmp_path
     assert not list(a.glob("acts-*"))  # the calibration activations kept for a resume are gone
 
 
+@pytest.mark.parametrize("base", ["rtn", "gptq"])
+def test_mixed_streams_with_block_sensitivity(base, tiny_untied, tmp_path):
+    """mixed with sensitivity=block streams (one read of the blocks to score, one to quantize) and equals the in-memory
+    run with the same option, byte for byte; the allocation uses both widths and meets the budget."""
+    kw = {"budget": 3.5, "candidates": (2, 4), "sensitivity": "block", "base": base, "group_size": 32}
+    a = quantize_streaming(tiny_untied, tmp_path / "stream", "mixed", progress=False, calib=CALIB, **kw)
+    loaded = load_model(tiny_untied)
+    config = make_config("mixed", **kw)
+    quantize(loaded.model, "mixed", config, progress=False, calib=CALIB)
+    b = save_quantized(loaded.model, loaded.tokenizer, tmp_path / "memory", quantization_config("mixed", config, loaded.source),
+                       storage_dtype=loaded.storage_dtype)
+    sa, sb = _read_state(a), _read_state(b)
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    qa = json.loads((a / "config.json").read_text())
+    assert qa == json.loads((b / "config.json").read_text())
+    widths = [m["bits"] for m in qa["quantization_config"]["modules"].values()]
+    assert set(widths) == {2, 4}, widths
+
+
+def test_block_sensitivity_ranks_the_damaged_layer_first(tiny_untied):
+    """An outlier input column makes 2-bit per-channel RTN of that layer damaging: the block score ranks it among its
+    block's top two (with o_proj, fed its amplified output), > 100× q/k, and every score falls as the width grows."""
+    from bitnest.calib.sensitivity import block_sensitivity
+    from bitnest.grids.affine import AffineSpec
+    from bitnest.nn.qlinear import QuantLinear
+
+    model = load_model(tiny_untied).model
+    v = model.model.layers[1].self_attn.v_proj.weight
+    v.data[:, 0] *= 40
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    sens, cost = block_sensitivity(model, names, CALIB, (2, 4, 8),
+                                   lambda lin, b: QuantLinear.from_linear(lin, AffineSpec(b)), progress=False)
+    block1 = {n.rpartition(".")[2]: s[2] for n, s in sens.items() if ".layers.1." in n}
+    top2 = sorted(block1, key=block1.get)[-2:]  # v, and o (its input is v's amplified output)
+    assert "v_proj" in top2 and block1["v_proj"] > 100 * max(block1["q_proj"], block1["k_proj"]), block1
+    assert all(s[2] > s[4] > s[8] >= 0 for s in sens.values())
+    assert all(c[2] < c[4] < c[8] for c in cost.values())
+
+
 class _Stop(Exception):
     pass
 
@@ -189,6 +230,8 @@ def test_changed_recipe_is_refused_then_overwrite_restarts(tiny_untied, tmp_path
 
 def test_bad_input_is_one_line(tiny_untied, tmp_path):
     with pytest.raises(BitnestError, match="cannot stream"):
+        quantize_streaming(tiny_untied, tmp_path / "o", "actquant")
+    with pytest.raises(BitnestError, match="sensitivity=block"):
         quantize_streaming(tiny_untied, tmp_path / "o", "mixed")
     with pytest.raises(BitnestError, match="no tokenizer"):
         quantize_streaming(tiny_untied, tmp_path / "o", "gptq")
@@ -286,7 +329,7 @@ def test_cli_stream(tiny_untied, tmp_path, capsys):
     assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert main(["quantize", "--model", str(tiny_untied), "--method", "mixed", "--stream", "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("bitnest: error:") and "cannot stream" in err[0]
+    assert len(err) == 1 and err[0].startswith("bitnest: error:") and "sensitivity=block" in err[0]
     assert main(["quantize", "--model", str(tiny_untied), "--method", "gptq", "--stream", "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no tokenizer" in err[0] and not (tmp_path / "g").exists()

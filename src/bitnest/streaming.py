@@ -48,7 +48,7 @@ from .errors import BitnestError
 
 DATA_FREE = ("rtn", "sliced", "lpfit", "nf", "log", "kmeans")  # one Linear at a time (kmeans: unweighted)
 CALIBRATED = ("gptq", "matgptq", "clip", "kmeans")  # block by block on calibration text (kmeans: weighted=true)
-STREAMABLE = tuple(dict.fromkeys(DATA_FREE + CALIBRATED))
+STREAMABLE = tuple(dict.fromkeys(DATA_FREE + CALIBRATED + ("mixed",)))  # mixed: sensitivity=block, base rtn | gptq
 PROGRESS = "progress.json"
 _STREAM_VERSION = 1
 
@@ -284,7 +284,9 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
     if not isinstance(blocks_per_shard, int) or blocks_per_shard < 1:
         raise BitnestError(f"blocks_per_shard must be a positive integer, got {blocks_per_shard!r}")
     config = config or make_config(method, **kwargs)
-    calibrated = method in CALIBRATED and (method != "kmeans" or getattr(config, "weighted", False))
+    if method == "mixed" and config.sensitivity != "block":
+        raise BitnestError("streaming mixed scores each layer on its own block's output: pass -o sensitivity=block "
+                           "(the default KL score runs the whole model)")
     _fixed_mmap_threshold()
     src_path, out = Path(src), Path(out)
     out = check_output(out, overwrite)
@@ -297,14 +299,21 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
     shards = _plan(model, keys, source, blocks_per_shard)
     storage = source.storage_dtype
     n_rest = len(shards) - len(_block_shards(model, blocks_per_shard))  # shards before the first block's
-    if calibrated:
+    run_method, run_config = method, config  # what quantizes the layers (mixed: its base, with the allocation)
+    if method == "mixed":  # a first read of the blocks scores every layer; the second quantizes them
+        calib = _stream_calib(model, method, config, calib, src_path)
+        run_method, run_config = config.base, _stream_allocation(source, model, names, calib, config, progress)
+    calibrated = run_method in CALIBRATED and (run_method != "kmeans" or getattr(run_config, "weighted", False))
+    if calibrated and method != "mixed":
         calib = _stream_calib(model, method, config, calib, src_path)
 
     recipe = {"stream_version": _STREAM_VERSION, "source": str(src_path.absolute()), "files": source.fingerprint(),
               "method": method, "config": config.to_dict(), "storage_dtype": str(storage), "shards": len(shards),
               "blocks_per_shard": blocks_per_shard}
-    if calibrated:  # another calibration set would make the finished blocks and the next ones disagree
+    if calibrated or method == "mixed":  # another calibration set would make the finished blocks and the next disagree
         recipe["calib_sha1"] = hashlib.sha1(calib.numpy().tobytes()).hexdigest()
+    if run_config is not config:  # mixed: the allocation the finished shards were written with
+        recipe["base_config"] = run_config.to_dict()
     part = out.parent / f".{out.name}.partial"
     part.mkdir(parents=True, exist_ok=True)
     lock = open(part / "lock", "a")
@@ -319,7 +328,7 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
         for i in todo:
             if calibrated and i >= n_rest:
                 break  # the block shards: written by the method's own block loop, below
-            tensors, modules = _shard_state(model, shards[i], targets, source, method, config, storage)
+            tensors, modules = _shard_state(model, shards[i], targets, source, run_method, run_config, storage)
             _commit(part, state, i, tensors, modules)
             del tensors
             bar.update(1)
@@ -329,12 +338,12 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
             from .calib.driver import block_stream
             from .methods import get_method
 
-            feed = _BlockStream(source, part, state, shards, n_rest, blocks_per_shard, targets, method, config, storage,
-                                bar, on_shard)
+            feed = _BlockStream(source, part, state, shards, n_rest, blocks_per_shard, targets, run_method, run_config,
+                                storage, bar, on_shard)
             token = block_stream.set(feed)
             try:
                 with torch.no_grad():
-                    get_method(method).fn(model, config, names, progress=False, calib=calib)
+                    get_method(run_method).fn(model, run_config, names, progress=False, calib=calib)
             finally:
                 block_stream.reset(token)
         bar.close()
@@ -367,6 +376,20 @@ def _commit(part: Path, state: dict, i: int, tensors: dict[str, torch.Tensor], m
     _write_json(part / PROGRESS, state)
 
 
+def _stream_allocation(source: _Source, model: nn.Module, names: list[str], calib: torch.Tensor, config, progress: bool):
+    """mixed: the block sensitivities from one read of the blocks (nothing written), allocated to the budget; the base
+    method's config with that allocation. Deterministic, so a resumed run recomputes the same one (the recipe checks)."""
+    from .calib.driver import block_stream
+    from .methods.mixed import base_config, sensitivity_overrides
+
+    token = block_stream.set(_BlockStream(source, method="mixed", dry=True))
+    try:
+        bits, overrides = sensitivity_overrides(model, names, calib, config, progress)
+    finally:
+        block_stream.reset(token)
+    return base_config(config, bits, overrides)
+
+
 def _block_shards(model: nn.Module, blocks_per_shard: int) -> list[range]:
     from .models.blocks import get_blocks
 
@@ -394,10 +417,16 @@ class _BlockStream:
     inputs, block i is read (float32, as load_model gives it) just before the method's `process` sees it, and each
     finished shard is written with the activations that feed the next block, then its blocks go back to meta."""
 
-    def __init__(self, src: _Source, part: Path, state: dict, shards: list[list[str]], n_rest: int, per_shard: int,
-                 targets: set[str], method: str, config, storage: torch.dtype, bar, on_shard):
-        self.src, self.part, self.state, self.shards, self.n_rest = src, part, state, shards, n_rest
-        self.per_shard, self.targets, self.method, self.config, self.storage = per_shard, targets, method, config, storage
+    def __init__(self, src: _Source, part: Path | None = None, state: dict | None = None, shards=None, n_rest: int = 0,
+                 per_shard: int = 1, targets: set[str] = frozenset(), method: str = "", config=None,
+                 storage: torch.dtype | None = None, bar=None, on_shard=None, dry: bool = False):
+        """`dry`: read the blocks, run `process` and propagate, write nothing (the sensitivity pass of mixed)."""
+        self.src, self.method, self.dry = src, method, dry
+        if dry:
+            self.start, self.acts = 0, None
+            return
+        self.part, self.state, self.shards, self.n_rest = part, state, shards, n_rest
+        self.per_shard, self.targets, self.config, self.storage = per_shard, targets, config, storage
         self.bar, self.on_shard = bar, on_shard
         done = [j for j in range(n_rest, len(shards)) if str(j) in state["done"]]
         if done != list(range(n_rest, n_rest + len(done))):
@@ -422,6 +451,8 @@ class _BlockStream:
                 runner = BlockRunner(block, inps, kws)
                 process(name, block, runner)
                 inps = runner.forward()  # the quantized block's outputs: the next block's inputs
+                if self.dry:
+                    continue
                 j = self.n_rest + i // self.per_shard
                 keys = [k for k in self.shards[j] if k.startswith(name + ".")]
                 t, m = _shard_state(model, keys, self.targets, self.src, self.method, self.config, self.storage,

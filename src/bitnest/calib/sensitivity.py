@@ -3,7 +3,9 @@ and which bits per layer meet a bits-per-weight budget at the least total damage
 
 Sensitivity s_l(b) = mean KL(p_FP ‖ p_l,b) of the next-token distributions on calibration tokens, with every
 other layer in full precision (an end-to-end measure: it sees how errors are amplified downstream, unlike a
-per-layer output error). Allocation: start every layer at its widest candidate and repeatedly narrow the
+per-layer output error). `block_sensitivity` is the local alternative that needs one decoder block at a time (so
+it streams): s_l(b) = Σ‖y_l,b − y‖² / Σ‖y‖², the relative change of the residual stream leaving l's block when l
+alone is at b bits, on the FP model's inputs to that block. Allocation: start every layer at its widest candidate and repeatedly narrow the
 layer with the smallest added sensitivity per bit saved until the budget holds (greedy on the convex hull of
 each layer's (bits, s) curve). The result is QuantConfig's `overrides`: ((module-name glob, bits), ...).
 """
@@ -44,6 +46,44 @@ def layer_sensitivity(model, names: list[str], calib: torch.Tensor, candidates: 
             sens[name][b] = kl / (calib.numel())
             cost[name][b] = q.served_bits()
         replace_module(model, name, lin)
+    return sens, cost
+
+
+@torch.no_grad()
+def block_sensitivity(model, names: list[str], calib: torch.Tensor, candidates: tuple[int, ...],
+                      quantizer: Callable[[torch.nn.Module, int], torch.nn.Module], *, batch_size: int = 8,
+                      progress: bool = True) -> tuple[dict, dict]:
+    """({name: {bits: s}}, {name: {bits: served bits}}) with s the relative squared change of the block's output
+    when layer `name` alone is quantized by quantizer(linear, bits); every block sees the FP model's activations
+    (calib.driver.blockwise, nothing is replaced, so under a streaming run nothing is written)."""
+    from .driver import blockwise
+    from ..models.blocks import get_blocks
+
+    prefix, _ = get_blocks(model)
+    outside = sorted(n for n in names if not n.startswith(prefix + "."))
+    if outside:
+        raise BitnestError(f"{outside[0]} is outside the decoder blocks; block sensitivity scores block layers only")
+    sens, cost = {}, {}
+
+    def process(block_name, block, runner):
+        local = [n for n in names if n.startswith(block_name + ".")]
+        if not local:
+            return
+        ref = runner.forward()  # [(b, T, C)] the FP block's outputs
+        norm = sum(float(y.double().pow(2).sum()) for y in ref)
+        for name in local:
+            rel = name[len(block_name) + 1:]
+            lin = block.get_submodule(rel)
+            sens[name], cost[name] = {}, {}
+            for b in candidates:
+                q = quantizer(lin, b)
+                replace_module(block, rel, q)
+                out = runner.forward()
+                sens[name][b] = sum(float((o - y).double().pow(2).sum()) for o, y in zip(out, ref)) / max(norm, 1e-30)
+                cost[name][b] = q.served_bits()
+            replace_module(block, rel, lin)
+
+    blockwise(model, calib, process, batch_size=batch_size, progress=progress, desc="sensitivity")
     return sens, cost
 
 
