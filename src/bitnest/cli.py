@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a checkpoint (refused if it holds other files)")
     q.add_argument("--max-shard-size", default="2GB")
     q.add_argument("--stream", action="store_true", help="models larger than RAM: read one layer (data-free methods) or one "
-                   "block (gptq, matgptq, clip, weighted kmeans: calibrated on text) at a time from the safetensors "
-                   "files, write one shard per block; rerun the same command to resume")
+                   "block (gptq, matgptq, clip, weighted kmeans: calibrated on text; mixed with -o sensitivity=block) at a "
+                   "time from the safetensors files, write one shard per block; rerun the same command to resume")
 
     e = sub.add_parser("eval", help="perplexity, KL/top-1 vs the FP model, bits per weight, bytes")
     _add_common(e)

@@ -21,6 +21,8 @@ on the meta model while this module feeds it: the embeddings are read for the ca
 dropped, block i is read in float32 just before the method sees it, and when a shard's blocks are done they are
 written, the block goes back to the meta device, and the calibration activations that feed the next block are
 saved beside the shard (`acts-*.safetensors`), so a resumed run continues at the next block bit-identically.
+`mixed` (sensitivity=block) reads the blocks twice: once to score every layer on its block's output (nothing is
+written), once to quantize with the base method and the allocation.
 
 Memory: one Linear's weight in float32 plus its quantization temporaries (calibrated: one block in float32, the
 calibration activations and the solver's statistics — GPTQ's Hessian and weight copies for the widest layer group —
