@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from bitnest.calib.clip import output_error, search_clip
-from bitnest.grids.affine import AffineGrid, AffineSpec, fit, quantize
+from bitnest.grids.affine import AffineGrid, AffineSpec, dequantize, fit, quantize
 from bitnest.grids.nested import MultiWidth, slice_codes
 from bitnest.methods.gptq import GPTQConfig, MatGPTQConfig, gptq, quantize_linear
 from bitnest.errors import BitnestError
@@ -51,8 +51,13 @@ def test_round_lookup_equals_searchsorted(c, data):
                    b.nextafter(torch.tensor(1e9, dtype=torch.float64)), b.nextafter(torch.tensor(-1e9, dtype=torch.float64))])
     want = mw.codes[torch.searchsorted(b, u)].double()
     assert torch.equal(mw.round(u), want)
-    u32 = u.float()  # float32 positions (what the clip search and GPTQ feed): index of the value as a double
-    assert torch.equal(mw.round(u32), mw.codes[torch.searchsorted(b, u32.double())].float())
+    b32 = b.float()  # float32 positions (what the clip search and GPTQ feed), the breakpoints' float32 neighbours too
+    u32 = torch.cat([u.float(), b32, b32.nextafter(torch.tensor(1e9)), b32.nextafter(torch.tensor(-1e9)),
+                     torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38, -3e38])])
+    want32 = mw.codes[torch.searchsorted(b, u32.double())].float()
+    assert torch.equal(mw.round(u32), want32)
+    u64 = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)  # as searchsorted places them
+    assert torch.equal(mw.round(u64), mw.codes[torch.searchsorted(b, u64)].double())
 
 
 def test_parent_width_alone_is_round_to_nearest():
@@ -155,7 +160,7 @@ def test_stretched_parent_serves_the_narrow_slice():
 def test_block_scoring_and_coarse_search():
     """Scored on H's diagonal blocks (groups: one ratio per row and group) the search lowers the full output error
     below no clipping; the coarse search's error is within 2 % of the full grid's on the same objective; per-tensor
-    grids still get one ratio."""
+    grids (scored on all of H: one ratio for the matrix) still get one ratio."""
     torch.manual_seed(6)
     X = correlated()
     H = 2 * X.T @ X / len(X)
@@ -193,6 +198,26 @@ def test_gptq_takes_separate_max_and_min_ratios():
     _, a, z = gptq(W, H, grid, gamma=pair)
     alpha, zz = fit(W, spec, pair[0], pair[1])
     assert torch.equal(a, alpha) and torch.equal(z, zz)
+
+
+def test_constant_rows_and_inverted_stretches_stay_finite():
+    """An all-zero row, a constant group and a negative-max group (which a max-side stretch narrows, even inverts):
+    the fit stays finite and dequantizes constants exactly (α no longer rounds to 0 in fp16, giving z = NaN), and the
+    stretched slice-aware search returns finite ratios."""
+    torch.manual_seed(8)
+    W = torch.randn(8, 64) * 0.02
+    W[1] = 0
+    W[2, :32] = 0.5
+    W[3, 32:] = torch.linspace(-1.1, -1.0, 32)
+    for spec in (AffineSpec(8, 32), AffineSpec(4, None), AffineSpec(2, 32, int_zero=True)):
+        a, z = fit(W, spec)
+        What = dequantize(quantize(W, spec, a, z), spec, a, z)
+        assert torch.isfinite(What).all() and What[1].abs().max() == 0
+        assert (What[2, :32] - 0.5).abs().max() < 1e-3
+    mw = MultiWidth(8, (8, 4, 3, 2), (2, 2, 2, 1))
+    H = torch.eye(64)
+    g = search_clip(W, H, AffineSpec(8, 32), multi=mw, tops=tuple(1 + k / 12 for k in range(5)), block=32, coarse=True)
+    assert torch.isfinite(g).all() and g.shape == (2, 8, 2)
 
 
 def test_matgptq_checkpoint_serves_every_width(tiny_llama_dir, tmp_path):

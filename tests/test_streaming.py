@@ -122,6 +122,8 @@ def test_mixed_streams_with_block_sensitivity(base, tiny_untied, tmp_path):
     assert qa == json.loads((b / "config.json").read_text())
     widths = [m["bits"] for m in qa["quantization_config"]["modules"].values()]
     assert set(widths) == {2, 4}, widths
+    from bitnest.eval.bits import bits_report
+    assert bits_report(load_model(a).model).bits_per_weight <= 3.5
 
 
 def test_block_sensitivity_ranks_the_damaged_layer_first(tiny_untied):
@@ -166,6 +168,31 @@ def test_interrupted_calibrated_run_resumes_at_the_next_block(tiny_untied, tmp_p
         quantize_streaming(tiny_untied, out, "gptq", **{**kw, "calib": CALIB[:4]})
     quantize_streaming(tiny_untied, out, "gptq", on_shard=lambda i, n: resumed.append(i), **kw)
     assert resumed == [seen[-1] + 1]  # only the last block was calibrated again
+    assert _files(out) == _files(ref)
+
+
+@pytest.mark.parametrize("method,kw", [("matgptq", {"bits": 2}),
+                                       ("mixed", {"budget": 3.5, "candidates": (2, 4), "sensitivity": "block",
+                                                  "base": "gptq", "group_size": 32})], ids=["matgptq", "mixed"])
+def test_interrupted_run_with_tuple_options_resumes(method, kw, tiny_untied, tmp_path, monkeypatch):
+    """Configs with tuple fields (precisions, λ, candidates) resume: the recipe is compared as JSON reads it back.
+    A resumed mixed run takes the allocation its interrupted run recorded instead of scoring again."""
+    from bitnest.methods import mixed as mixed_mod
+
+    kw = dict(kw, calib=CALIB, progress=False)
+    ref = quantize_streaming(tiny_untied, tmp_path / "ref", method, **kw)
+    out, resumed, scored = tmp_path / "out", [], []
+
+    def stop(i, n):
+        if i == n - 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        quantize_streaming(tiny_untied, out, method, on_shard=stop, **kw)
+    score = mixed_mod.block_sensitivity
+    monkeypatch.setattr(mixed_mod, "block_sensitivity", lambda *a, **k: scored.append(1) or score(*a, **k))
+    quantize_streaming(tiny_untied, out, method, on_shard=lambda i, n: resumed.append(i), **kw)
+    assert len(resumed) == 1 and not scored
     assert _files(out) == _files(ref)
 
 

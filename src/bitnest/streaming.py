@@ -301,21 +301,16 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
     shards = _plan(model, keys, source, blocks_per_shard)
     storage = source.storage_dtype
     n_rest = len(shards) - len(_block_shards(model, blocks_per_shard))  # shards before the first block's
-    run_method, run_config = method, config  # what quantizes the layers (mixed: its base, with the allocation)
-    if method == "mixed":  # a first read of the blocks scores every layer; the second quantizes them
-        calib = _stream_calib(model, method, config, calib, src_path)
-        run_method, run_config = config.base, _stream_allocation(source, model, names, calib, config, progress)
-    calibrated = run_method in CALIBRATED and (run_method != "kmeans" or getattr(run_config, "weighted", False))
-    if calibrated and method != "mixed":
+    run_method = config.base if method == "mixed" else method  # what quantizes the layers
+    calibrated = run_method in CALIBRATED and (run_method != "kmeans" or getattr(config, "weighted", False))
+    if calibrated or method == "mixed":
         calib = _stream_calib(model, method, config, calib, src_path)
 
-    recipe = {"stream_version": _STREAM_VERSION, "source": str(src_path.absolute()), "files": source.fingerprint(),
-              "method": method, "config": config.to_dict(), "storage_dtype": str(storage), "shards": len(shards),
-              "blocks_per_shard": blocks_per_shard}
+    recipe = _plain({"stream_version": _STREAM_VERSION, "source": str(src_path.absolute()),
+                     "files": source.fingerprint(), "method": method, "config": config.to_dict(),
+                     "storage_dtype": str(storage), "shards": len(shards), "blocks_per_shard": blocks_per_shard})
     if calibrated or method == "mixed":  # another calibration set would make the finished blocks and the next disagree
         recipe["calib_sha1"] = hashlib.sha1(calib.numpy().tobytes()).hexdigest()
-    if run_config is not config:  # mixed: the allocation the finished shards were written with
-        recipe["base_config"] = run_config.to_dict()
     part = out.parent / f".{out.name}.partial"
     part.mkdir(parents=True, exist_ok=True)
     lock = open(part / "lock", "a")
@@ -324,6 +319,10 @@ def quantize_streaming(src: str | os.PathLike, out: str | os.PathLike, method: s
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise BitnestError(f"another bitnest run is writing {out} ({part} is locked)") from None
+        run_config = config
+        if method == "mixed":  # the allocation: an interrupted run's, or a first read of the blocks scores every layer
+            run_config = _stream_allocation(source, model, names, calib, config, progress, part, recipe)
+            recipe["base_config"] = _plain(run_config.to_dict())  # the allocation the finished shards were written with
         state = _resume_state(part, recipe, overwrite)
         todo = [i for i in range(len(shards)) if str(i) not in state["done"]]
         bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"stream {method}", disable=not progress)
@@ -378,18 +377,32 @@ def _commit(part: Path, state: dict, i: int, tensors: dict[str, torch.Tensor], m
     _write_json(part / PROGRESS, state)
 
 
-def _stream_allocation(source: _Source, model: nn.Module, names: list[str], calib: torch.Tensor, config, progress: bool):
-    """mixed: the block sensitivities from one read of the blocks (nothing written), allocated to the budget; the base
-    method's config with that allocation. Deterministic, so a resumed run recomputes the same one (the recipe checks)."""
+def _stream_allocation(source: _Source, model: nn.Module, names: list[str], calib: torch.Tensor, config, progress: bool,
+                       part: Path, recipe: dict):
+    """mixed: the base method's config with the allocation — the one an interrupted run of the same recipe recorded
+    (so a resume neither redoes the scoring nor depends on it coming out the same), else the block sensitivities from
+    one read of the blocks (nothing written), allocated to the budget."""
     from .calib.driver import block_stream
+    from .methods import get_method
     from .methods.mixed import base_config, sensitivity_overrides
 
+    try:
+        old = json.loads((part / PROGRESS).read_text())["recipe"]
+        if {k: v for k, v in old.items() if k != "base_config"} == recipe and "base_config" in old:
+            return get_method(config.base).config_cls.from_dict(old["base_config"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, BitnestError):
+        pass  # no usable interrupted run: score afresh
     token = block_stream.set(_BlockStream(source, method="mixed", dry=True))
     try:
         bits, overrides = sensitivity_overrides(model, names, calib, config, progress)
     finally:
         block_stream.reset(token)
     return base_config(config, bits, overrides)
+
+
+def _plain(obj):
+    """obj as JSON reads it back (tuples → lists): recipes are compared with the copy in progress.json."""
+    return json.loads(json.dumps(obj))
 
 
 def _block_shards(model: nn.Module, blocks_per_shard: int) -> list[range]:

@@ -65,7 +65,7 @@ def search_clip(W: torch.Tensor, H: torch.Tensor | None, spec: AffineSpec, serve
     `multi`: slice-aware clipping — the λ-weighted sum of every width's error (Matryoshka GPTQ).
     `tops`: also stretch the max side by each factor t ≥ 1 (γ_max = t·γ, γ_min = γ; asymmetric grids): a nested
     grid's r-bit slice tops out at (2^r − 1)·2^(c−r) of the parent's 2^c − 1 (int2 of int8: 192 of 255), so a
-    parent stretched by up to 255/192 lets the narrow slices span the weights. Returns (2, R, G) (γ_max, γ_min).
+    parent stretched by up to 4/3 (256/192) lets the narrow slices span the weights. Returns (2, R, G) (γ_max, γ_min).
     `block`: score on H's diagonal blocks of `block` inputs only (the cross-block terms of H dropped: AWQ's
     auto-clip objective, out·in·block per candidate instead of out·in²); with groups, block = the group size and
     γ is chosen per (row, group).
@@ -91,7 +91,8 @@ def search_clip(W: torch.Tensor, H: torch.Tensor | None, spec: AffineSpec, serve
             return e.sum().reshape(1, 1) if R == 1 else e[:, None]
 
     shape = (R, G) if per else (R, 1)
-    rt, tt = torch.tensor(ratios, dtype=torch.float32), torch.tensor(tops, dtype=torch.float32)
+    rt = torch.tensor(ratios, dtype=torch.float32, device=W.device)
+    tt = torch.tensor(tops, dtype=torch.float32, device=W.device)
     best_err, bi, bj = None, None, None
 
     def visit(i, j):  # i, j: (shape) indices into ratios and tops, per row (or row and group)
@@ -104,7 +105,7 @@ def search_clip(W: torch.Tensor, H: torch.Tensor | None, spec: AffineSpec, serve
         better = err < best_err
         best_err, bi, bj = torch.where(better, err, best_err), torch.where(better, i, bi), torch.where(better, j, bj)
 
-    full = lambda k: torch.full(shape, k, dtype=torch.long)
+    full = lambda k: torch.full(shape, k, dtype=torch.long, device=W.device)
     if not coarse or len(ratios) < 9:
         for i in range(len(ratios)):
             for j in range(len(tops)):

@@ -87,6 +87,10 @@ def fit(W: torch.Tensor, spec: AffineSpec, gamma: torch.Tensor | None = None, be
         wmin = wmin * beta
     alpha = ((wmax - wmin) / spec.qmax).clamp_min(1e-8)  # (R, G); clamp: constant groups
     alpha = alpha.to(STORE_DTYPE).float()
+    flat = alpha == 0  # a constant group (an all-zero row): α rounds to 0 in the storage dtype and z = −wmin/α is NaN
+    if flat.any():  # a step of the group's magnitude instead: it dequantizes to its constant
+        mag = (torch.maximum(wmax.abs(), wmin.abs()).clamp_min(1e-4) / spec.qmax).to(STORE_DTYPE).float()
+        alpha = torch.where(flat, mag, alpha)
     z = -wmin / alpha
     if spec.int_zero:  # an integer code: min maps within α/2 of code 0 (exact in fp16 up to 2048)
         z = torch.round(z).clamp(0, spec.qmax)

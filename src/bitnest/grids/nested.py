@@ -108,6 +108,8 @@ class MultiWidth:
         if len(b) < 2:
             return None
         w = float((b[1:] - b[:-1]).min()) / 3
+        if w < 8 * float(b.abs().max()) * 2.0 ** -23:  # breakpoints within a few float32 steps: the bins cannot tell
+            return None
         n = int((float(b[-1]) - float(b[0])) / w) + 2 if w > 0 else 1 << 30
         if n > 1 << 20:
             return None
@@ -128,6 +130,8 @@ class MultiWidth:
             idx = torch.searchsorted(self.breaks.to(u.device), u.double().contiguous())
             return self.codes.to(u.device)[idx].to(u.dtype)
         lo, w, counts, pad, up = (x.to(u.device) if isinstance(x, torch.Tensor) else x for x in self._lut)
+        if not u.isfinite().all():  # as searchsorted places them: NaN and +inf past the last breakpoint, −inf first
+            u = torch.nan_to_num(u, nan=float(pad[-2]) + 1, posinf=float(pad[-2]) + 1, neginf=lo - 1)
         if u.numel() > _CHUNK:  # bounded temporaries (several int64 copies of u) and cache-sized passes
             flat = u.reshape(-1)
             return torch.cat([self.round(flat[i:i + _CHUNK]) for i in range(0, flat.numel(), _CHUNK)]).reshape(u.shape)

@@ -35,7 +35,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: "AffineGrid | CodebookGrid", *,
          act_order: bool = True, static_groups: bool | None = None, gamma: torch.Tensor | None = None):
     """Codes Q (out, in) uint8 and the grid's stored params (affine: alpha, z each (R, G)) for W (out, in).
 
-    gamma (R, G): clipping ratios applied when fitting (data-adaptive clipping, calib/clip.py)."""
+    gamma (R, G), or (2, R, G) for separate max / min ratios: clipping ratios applied when fitting (data-adaptive
+    clipping, calib/clip.py)."""
     W = W.detach().clone().float()  # (out, in)
     H = H.detach().clone().float()  # (in, in)
     out, n = W.shape
@@ -105,7 +106,13 @@ class GPTQConfig(CalibOptions, QuantConfig):
             raise BitnestError(f"nested gptq needs 1 <= bits <= parent_bits <= 8, got {self.bits}, {self.parent_bits}")
         if not 0 <= self.percdamp < 1:
             raise BitnestError(f"percdamp must be in [0, 1), got {self.percdamp}")
-        if not 1.0 <= float(self.clip_stretch) <= 4.0 or int(self.clip_block) < 0:
+        try:
+            object.__setattr__(self, "clip_stretch", float(self.clip_stretch))
+            object.__setattr__(self, "clip_block", int(self.clip_block))
+        except (TypeError, ValueError):
+            raise BitnestError(f"clip_stretch must be a number and clip_block an integer, got {self.clip_stretch!r}, "
+                               f"{self.clip_block!r}") from None
+        if not 1.0 <= self.clip_stretch <= 4.0 or self.clip_block < 0:
             raise BitnestError(f"clip_stretch must be in [1, 4] and clip_block ≥ 0, got {self.clip_stretch}, {self.clip_block}")
         if self.grid not in GRIDS or (self.grid != "affine" and (self.nested or self.clip)):
             raise BitnestError(f"gptq grid must be one of {GRIDS} (nested and clip are affine-only), got {self.grid}")
