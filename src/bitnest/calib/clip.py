@@ -68,7 +68,8 @@ def search_clip(W: torch.Tensor, H: torch.Tensor | None, spec: AffineSpec, serve
     parent stretched by up to 4/3 (256/192) lets the narrow slices span the weights. Returns (2, R, G) (γ_max, γ_min).
     `block`: score on H's diagonal blocks of `block` inputs only (the cross-block terms of H dropped: AWQ's
     auto-clip objective, out·in·block per candidate instead of out·in²); with groups, block = the group size and
-    γ is chosen per (row, group).
+    γ is chosen per (row, group). Per-tensor grids, and per-row grids whose input width is not a multiple of `block`,
+    are scored on all of H.
     `coarse`: every 4th ratio (with every stretch) first, then ±2 and ±1 steps around each entry's best — 3× fewer
     candidates, the full grid's choice wherever the error is unimodal in the ratio."""
     W = W.detach().float()  # (out, in)
