@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import (MODELS, RESULTS, Timer, add_interval, eval_row, fmt_table, header, interval_cell,  # noqa: E402
-                    load, write_json, write_section)
+                    load, strip_windows, write_json, write_section)
 
 BITS = (8, 6, 4, 3, 2)
 SLICES = (6, 4, 3, 2)
@@ -105,7 +105,7 @@ def load_partial() -> dict:
 
 
 def save_partial(row: dict, limit) -> None:
-    row = {k: v for k, v in row.items() if not k.startswith("_win_")}  # the per-window NLLs stay in memory
+    row = strip_windows([row])[0]  # the per-window NLLs stay in memory
     rows = list(load_partial().values()) + [{**row, "limit": limit}]
     PARTIAL.parent.mkdir(parents=True, exist_ok=True)
     tmp = PARTIAL.with_suffix(".tmp")

@@ -278,16 +278,21 @@ def sequential_quantize(block, runner: BlockRunner, names: list[str], make, stat
                 replace_module(block, n, m)
 
 
+def require_block_layers(model, names: list[str], what: str) -> None:
+    """Refuse Linears outside the decoder blocks (e.g. lm_head named by a glob): the block loop never feeds them."""
+    prefix, _ = get_blocks(model)
+    outside = sorted(n for n in names if not n.startswith(prefix + "."))
+    if outside:
+        raise BitnestError(f"{outside[0]} is outside the decoder blocks; {what} block layers only")
+
+
 def calibrated(model, config, names: list[str], calib, make, stat=Hessian, progress: bool = True,
                desc: str = "calib") -> None:
     """Block by block, replace every named Linear inside the blocks by make(full_names, linears, stats) ->
     modules, `stats` accumulated over the group's common input (true-sequential unless config says not).
     `calib`: token ids (n, L), or None / options resolved by calib.data.as_calib from `config`."""
     from .data import as_calib
-    blocks_prefix, _ = get_blocks(model)
-    outside = sorted(n for n in names if not n.startswith(blocks_prefix + "."))
-    if outside:  # Linears outside the decoder blocks (e.g. lm_head named by a glob): no block inputs
-        raise BitnestError(f"{outside[0]} is outside the decoder blocks; calibrated methods quantize block layers only")
+    require_block_layers(model, names, "calibrated methods quantize")
     world = rank_world()[1]
     if world > 1 and stat is not Hessian:
         raise BitnestError(f"{desc}: its calibration statistics are not data-parallel; run it on one process "

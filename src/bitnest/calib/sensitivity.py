@@ -5,8 +5,8 @@ Sensitivity s_l(b) = mean KL(p_FP ‖ p_l,b) of the next-token distributions on 
 other layer in full precision (an end-to-end measure: it sees how errors are amplified downstream, unlike a
 per-layer output error). `block_sensitivity` is the local alternative that needs one decoder block at a time (so
 it streams): s_l(b) = Σ‖y_l,b − y‖² / Σ‖y‖², the relative change of the residual stream leaving l's block when l
-alone is at b bits, on the FP model's inputs to that block. Allocation: start every layer at its widest candidate and repeatedly narrow the
-layer with the smallest added sensitivity per bit saved until the budget holds (greedy on the convex hull of
+alone is at b bits, on the FP model's inputs to that block. Allocation: start every layer at its widest
+candidate and repeatedly narrow the layer with the smallest added sensitivity per bit saved until the budget holds (greedy on the convex hull of
 each layer's (bits, s) curve). The result is QuantConfig's `overrides`: ((module-name glob, bits), ...).
 """
 from __future__ import annotations
@@ -56,13 +56,9 @@ def block_sensitivity(model, names: list[str], calib: torch.Tensor, candidates: 
     """({name: {bits: s}}, {name: {bits: served bits}}) with s the relative squared change of the block's output
     when layer `name` alone is quantized by quantizer(linear, bits); every block sees the FP model's activations
     (calib.driver.blockwise, nothing is replaced, so under a streaming run nothing is written)."""
-    from .driver import blockwise
-    from ..models.blocks import get_blocks
+    from .driver import blockwise, require_block_layers
 
-    prefix, _ = get_blocks(model)
-    outside = sorted(n for n in names if not n.startswith(prefix + "."))
-    if outside:
-        raise BitnestError(f"{outside[0]} is outside the decoder blocks; block sensitivity scores block layers only")
+    require_block_layers(model, names, "block sensitivity scores")
     sens, cost = {}, {}
 
     def process(block_name, block, runner):

@@ -203,10 +203,11 @@ def _gptq_stack(lins: list, H: torch.Tensor, config: GPTQConfig, bits: int) -> l
     gamma = None
     if config.clip:
         from ..calib.clip import search_clip
-        st = float(config.clip_stretch)
+        st = config.clip_stretch
         tops = tuple(1 + (st - 1) * k / 4 for k in range(5)) if st > 1 else (1.0,)
+        # coarse-to-fine when stretching: 5× the candidates otherwise; plain clip keeps its full 21-ratio grid
         gamma = torch.cat([search_clip(lin.weight, H, spec, serve_bits=grid.r, multi=getattr(grid, "multi", None),
-                                       tops=tops, block=int(config.clip_block) or None, coarse=st > 1)
+                                       tops=tops, block=config.clip_block or None, coarse=st > 1)
                            for lin in lins], -2)  # (R, G), or (2, R, G): γ for max and min
     W = torch.cat([lin.weight.detach() for lin in lins])  # (Σ out, in)
     Q, a, b = gptq(W, H, grid, blocksize=config.blocksize, percdamp=config.percdamp, act_order=config.act_order, gamma=gamma)

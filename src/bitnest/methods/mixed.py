@@ -1,7 +1,7 @@
 """mixed: sensitivity-driven mixed precision (calib/sensitivity.py). Measures each layer's damage at each
 candidate width (RTN on the configured grid, that layer alone; `sensitivity`: "kl" at the model's output, or
-"block": the relative change of its block's output, one block at a time — what a streaming run uses), allocates widths to meet `budget` bits per
-weight (scales and zeros included), then quantizes with `base` (rtn | gptq) using those per-layer widths
+"block": the relative change of its block's output, one block at a time — what a streaming run uses), allocates
+widths to meet `budget` bits per weight (scales and zeros included), then quantizes with `base` (rtn | gptq) using those per-layer widths
 as `overrides`. `sensitivity_overrides` returns the allocation for use with any method."""
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ class MixedConfig(CalibOptions, QuantConfig):
 
 
 def sensitivity_overrides(model, names: list[str], calib, config: MixedConfig, progress: bool = True):
-    """(default bits, overrides) meeting config.budget, from KL sensitivities on the calibration tokens."""
+    """(default bits, overrides) meeting config.budget, from the sensitivities (config.sensitivity: KL at the
+    model's output, or the block's relative output change) on the calibration tokens."""
     def rtn(lin, b):
         return QuantLinear.from_linear(lin, config.affine_spec(b))
     score = block_sensitivity if config.sensitivity == "block" else layer_sensitivity
