@@ -3,6 +3,7 @@ taking half of every step's global batch and summing gradients, train the parame
 floating-point rounding); a checkpoint written by 2 processes resumes on 1 and one written by 1 resumes on 2."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ RUNS = {  # name: (method, options); a global batch of 4 sequences of 16 tokens,
     "matquant": ("matquant", dict(steps=STEPS, batch=4, lr=5e-3, warmup=1)),
     "onebit": ("onebit", dict(steps=STEPS, batch=4, seq_len=16, lr=3e-3, warmup=1)),
 }
+# the same runs with the student (and OneBit's teacher) sharded by FSDP2: on 1 rank fsdp changes nothing
+SHARDED = {f"{k}-fsdp": (m, {**kw, "fsdp": True}) for k, (m, kw) in RUNS.items()}
 
 
 def tiny():
@@ -42,7 +45,7 @@ def run(name: str, ckpt_dir: str | Path, stop_at: int | None = None, ckpt_every:
     from bitnest.methods.matquant import MatQuantLoss
     from bitnest.train.distill import Distill
 
-    method, kw = RUNS[name]
+    method, kw = {**RUNS, **SHARDED}[name]
     cls = MatQuantLoss if method == "matquant" else Distill
     real = cls.__call__
     calls = {"n": 0}
@@ -69,11 +72,33 @@ def trained(ckpt_dir: Path) -> dict:
     return {"step": s["step"], "params": s["params"], "history": s["history"], "tokens": s["tokens"]}
 
 
+def sharding_record(path: str) -> None:
+    """Under torchrun: shard tiny() with train/fsdp.Sharded, record what this rank holds, give it back, and record
+    whether it is the model it was (the same Parameter objects and classes, the same values)."""
+    import json
+
+    from bitnest.distributed import rank_world
+    from bitnest.train.fsdp import Sharded
+
+    model = tiny()
+    params = list(model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    classes = [type(m) for m in model.modules()]
+    sh = Sharded(model, params)
+    held = sum(p.to_local().numel() for p in sh.params)  # this rank's shards
+    freed = all(p.numel() == 0 for p in params)  # the originals hold no storage while sharded
+    sh.restore()
+    same = (all(a is b for a, b in zip(model.parameters(), params)) and classes == [type(m) for m in model.modules()]
+            and all(torch.equal(before[n], p) for n, p in model.named_parameters()))
+    Path(f"{path}-{rank_world()[0]}.json").write_text(json.dumps(
+        {"held": held, "total": sum(v.numel() for v in before.values()), "freed": freed, "same": same}))
+
+
 WORKER = """
 import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {here!r})
-from test_distributed_train import run, RUNS, STOP
+from test_distributed_train import run, RUNS, SHARDED, STOP, sharding_record
 from bitnest.distributed import from_env, rank_world
 d = {d!r}
 with from_env():
@@ -82,6 +107,11 @@ with from_env():
         run(name, f"{{d}}/{{name}}-2")
     run("matquant", f"{{d}}/stop-2", stop_at=STOP + 1, ckpt_every=1)  # 2 ranks, stopped after step 3
     run("matquant", f"{{d}}/stop-1", ckpt_every=1)  # resumes a 1-rank checkpoint of step 3 on 2 ranks
+    sharding_record(f"{{d}}/sharding")
+    for name in SHARDED:
+        run(name, f"{{d}}/{{name}}-2")
+    run("matquant-fsdp", f"{{d}}/stop-fsdp-2", stop_at=STOP + 1, ckpt_every=1)  # FSDP on 2 ranks, stopped after step 3
+    run("matquant-fsdp", f"{{d}}/stop-1-fsdp", ckpt_every=1)  # a 1-rank checkpoint of step 3 resumed under FSDP
 """
 
 
@@ -93,10 +123,13 @@ def runs(tmp_path_factory):
     try:
         run("matquant", d / "stop-1", stop_at=STOP + 1, ckpt_every=1)  # 1 rank, stopped after step 3
         assert trained(d / "stop-1")["step"] == STOP
+        shutil.copytree(d / "stop-1", d / "stop-1-fsdp")  # the same checkpoint, resumed under FSDP on 2 ranks
         (d / "worker.py").write_text(WORKER.format(here=str(HERE), d=str(d)))
         _torchrun([str(d / "worker.py")], timeout=300)
         assert trained(d / "stop-2")["step"] == STOP
         run("matquant", d / "stop-2", ckpt_every=1)  # the 2-rank checkpoint, resumed on 1 rank to the end
+        assert trained(d / "stop-fsdp-2")["step"] == STOP
+        run("matquant", d / "stop-fsdp-2", ckpt_every=1)  # the 2-rank FSDP checkpoint, resumed on 1 rank, no FSDP
         for name in RUNS:
             run(name, d / f"{name}-1")
     finally:
@@ -125,7 +158,7 @@ def _close(two: dict, one: dict, what: str) -> None:  # what: a RUNS name, then 
     d = diffs(two, one)
     print(f"{what}: 2 ranks vs 1: max |Δw| {d['max_abs']:.2e}, ‖Δw‖/‖w‖ {d['rel_norm']:.2e}, "
           f"max over tensors of max |Δw| / max |w| {d['max_rel']:.2e}")
-    lr = RUNS[what.split()[0].rstrip(":")][1]["lr"]
+    lr = {**RUNS, **SHARDED}[what.split()[0].rstrip(":")][1]["lr"]
     assert d["rel_norm"] <= 1e-4 and d["max_abs"] <= 0.02 * lr, d
     for h2, h1 in zip(two["history"], one["history"], strict=True):
         assert h2.keys() == h1.keys()
@@ -140,6 +173,31 @@ def _close(two: dict, one: dict, what: str) -> None:  # what: a RUNS name, then 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_ranks_train_what_one_trains(runs, name):
     _close(trained(runs / f"{name}-2"), trained(runs / f"{name}-1"), name)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_fsdp_two_ranks_train_what_one_trains(runs, name):
+    """FSDP2 shards the student over 2 ranks (each holds half of every parameter and of Adam's state) and gives back
+    a plain model the method converts: the trained parameters are those of 1 process within rounding."""
+    _close(trained(runs / f"{name}-fsdp-2"), trained(runs / f"{name}-1"), f"{name}-fsdp")
+
+
+def test_fsdp_each_rank_holds_half_and_gives_the_model_back(runs):
+    import json
+
+    recs = [json.loads((runs / f"sharding-{r}.json").read_text()) for r in (0, 1)]
+    total = recs[0]["total"]
+    for r in recs:  # dim-0 shards: half of every tensor, rounded up per tensor
+        assert r["freed"] and r["same"], r
+        assert total / 2 - 64 * 16 <= r["held"] <= total / 2 + 64 * 16, (r["held"], total)
+    assert sum(r["held"] for r in recs) == total
+
+
+def test_fsdp_checkpoint_resumes_without_fsdp_and_back(runs):
+    """A checkpoint written under FSDP holds whole tensors: 1 process without FSDP resumes it, and a 1-process
+    checkpoint resumes under FSDP on 2 ranks; both end where the uninterrupted 1-process run does."""
+    _close(trained(runs / "stop-fsdp-2"), trained(runs / "matquant-1"), "matquant-fsdp: FSDP on 2 ranks to step 3, then 1 rank")
+    _close(trained(runs / "stop-1-fsdp"), trained(runs / "matquant-1"), "matquant-fsdp: 1 rank to step 3, then FSDP on 2")
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(runs):

@@ -218,6 +218,7 @@ class MatQuantConfig(CalibOptions, QuantConfig):
     batch_size: int = 8  # omniquant: sequences per forward when capturing and propagating block inputs
     ckpt_dir: str | None = None  # resumable training state (qat: one file; omniquant: one per block)
     ckpt_every: int = 50
+    fsdp: bool = False  # qat under torchrun: shard the student (and FP teacher) with FSDP2 instead of a copy per rank
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -270,6 +271,8 @@ class MatQuantConfig(CalibOptions, QuantConfig):
             bad.append(f"warmup must be between 0 and steps (got {self.warmup})")
         if self.schedule not in SCHEDULES:
             bad.append(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        if self.fsdp and self.flavour != "qat":  # OmniQuant trains one block at a time, the whole of it on every rank
+            bad.append("fsdp applies to the qat flavour (omniquant trains one block at a time on every rank)")
         if bad:
             raise BitnestError("; ".join(bad))
         super().__post_init__()  # CalibOptions (n_calib, calib_len) → QuantConfig (bits, group size, overrides)
@@ -377,7 +380,7 @@ def run_qat(model: nn.Module, config: MatQuantConfig, names: list[str], *, calib
             return train(model, Batches(ids, min(config.batch, ids.shape[0]), seed=config.seed), loss_fn,
                          steps=config.steps, lr=config.lr, betas=(config.beta1, config.beta2), warmup=config.warmup,
                          schedule=config.schedule, clip=config.grad_clip or None, params=params,
-                         ckpt_dir=config.ckpt_dir, ckpt_every=config.ckpt_every, progress=progress,
+                         ckpt_dir=config.ckpt_dir, ckpt_every=config.ckpt_every, progress=progress, fsdp=config.fsdp,
                          desc=f"matquant qat R={{{','.join(map(str, plan.order))}}}")
         finally:
             hold.clear()

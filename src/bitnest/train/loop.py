@@ -30,10 +30,15 @@ resumable checkpoints.
   depend on W and W is not part of the recipe: a run checkpointed on W ranks resumes on any number of ranks.
   Each rank holds the full student (and the caller's teacher, which sees only that rank's rows). `loss_fn` must
   be a mean over the rows of its batch (every loss here is). `data_parallel=False`: every rank runs the whole
-  batch (the same computation everywhere; rank 0 still writes alone). FSDP2 (`fully_shard`) runs on CPU/gloo in
-  torch 2.13 but replaces the student's Parameters by DTensor shards in place, which the methods' in-place
-  conversion after training and this checkpoint format would have to undo; the gradient all-reduce in `_sync_grads`
-  is the place to swap for it on GPUs where the full student per rank does not fit.
+  batch (the same computation everywhere; rank 0 still writes alone).
+- `fsdp=True` under torchrun (W > 1, data-parallel): FSDP2 (`fully_shard`, train/fsdp.py) instead of a full student per
+  rank. Every decoder block is its own group and the rest the root's; each rank holds 1/W of every parameter, of its
+  gradient and of Adam's state, gathers a block's weights just for its forward and backward, and reduce-scatters
+  the gradients (FSDP averages over the ranks, so the rank's loss is weighted rows_r / B · W: the same global-mean
+  gradient). A teacher the loss holds as `loss_fn.teacher` is sharded the same way (forward only). Checkpoints hold
+  whole tensors (gathered; rank 0 writes), so they resume on any number of ranks, with or without FSDP. When
+  training ends the student is given back unsharded: the original Parameter objects hold the trained values.
+  Ctrl-C under FSDP keeps the last periodic checkpoint (saving needs every rank).
 """
 from __future__ import annotations
 
@@ -141,6 +146,44 @@ def _sync_grads(params: Sequence[torch.nn.Parameter]) -> None:
             n = p.numel()
             p.grad = flat[off:off + n].view_as(p).clone() if has[i] > 0 else None
             off += n
+
+
+def _shard_student(student: torch.nn.Module, params, loss_fn):
+    """FSDP2 over the student (and the loss's teacher, forward only); one-line errors where it cannot run."""
+    from .fsdp import Sharded, available
+
+    if not available():
+        raise BitnestError(f"FSDP2 (torch.distributed.fsdp.fully_shard) is not in torch {torch.__version__}; "
+                           "train without fsdp")
+    teacher = getattr(loss_fn, "teacher", None)
+    sharded = Sharded(student, params)
+    if isinstance(teacher, torch.nn.Module) and teacher is not student:
+        sharded.also(teacher)
+    return sharded
+
+
+def _whole(t):
+    """A DTensor's whole tensor (collective); anything else as it is."""
+    from .fsdp import Sharded
+
+    return Sharded.full(t) if isinstance(t, torch.Tensor) else t
+
+
+def _whole_optimizer(sd: dict) -> dict:
+    """Adam's state_dict with every DTensor shard gathered, so the checkpoint does not depend on the ranks."""
+    return {**sd, "state": {i: {k: _whole(v) for k, v in st.items()} for i, st in sd["state"].items()}}
+
+
+def _sharded_optimizer(sd: dict, params) -> dict:
+    """A saved Adam state_dict (whole tensors) split as each parameter is (DTensor shards under FSDP)."""
+    from .fsdp import Sharded
+
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: Sharded.shard_like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+                    for k, v in st.items()}
+    return {**sd, "state": state}
 
 
 def _split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -283,12 +326,13 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
           clip: float | None = 1.0, params: Sequence[torch.nn.Parameter] | None = None,
           ckpt_dir: str | os.PathLike | None = None, ckpt_every: int = 100, resume: bool = True,
           progress: bool = True, desc: str = "train", log_fn: Callable[[dict], None] | None = None,
-          recipe: dict | None = None, data_parallel: bool = True) -> TrainResult:
+          recipe: dict | None = None, data_parallel: bool = True, fsdp: bool = False) -> TrainResult:
     """Train `params` of `student` for `steps` optimizer steps on loss_fn(student, batches(step)).
 
     Returns a TrainResult (history of every step, tokens, seconds). The student is left in the mode it
     was in (train/eval); gradients are enabled inside even when the caller runs under torch.no_grad(). Under
-    torchrun (W > 1 ranks) the global batch of each step is split over the ranks (see the module docstring)."""
+    torchrun (W > 1 ranks) the global batch of each step is split over the ranks, with `fsdp` the student sharded
+    (see the module docstring)."""
     if steps < 0 or lr <= 0:
         raise BitnestError(f"need steps ≥ 0 and lr > 0, got steps={steps}, lr={lr}")
     if schedule not in SCHEDULES:
@@ -306,13 +350,23 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
     rank, world = rank_world()
     dp = data_parallel and world > 1
     main = rank == 0
+    if fsdp and world > 1 and not dp:
+        raise BitnestError("FSDP needs the data-parallel split (data_parallel=True)")
+    sharded = None
+    if world > 1:
+        with torch.no_grad():  # every rank starts from rank 0's parameters, as DDP does (a resume overwrites them)
+            for p in params:
+                p.copy_(broadcast(p.detach()))
+    if fsdp and world > 1:
+        sharded = _shard_student(student, params, loss_fn)
+    stepped = sharded.params if sharded is not None else params  # what Adam updates: the shards under FSDP
 
-    opt = torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    opt = torch.optim.Adam(stepped, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, steps=steps, warmup=warmup, schedule=schedule, min_ratio=min_lr_ratio))
     meta = {"steps": steps, "lr": lr, "betas": list(betas), "warmup": warmup, "schedule": schedule,
             "eps": eps, "weight_decay": weight_decay, "min_lr_ratio": min_lr_ratio, "clip": clip,
-            "names": names, "shapes": [list(p.shape) for p in params]}
+            "names": names, "shapes": [list(p.shape) for p in stepped]}
 
     ckpt = Path(ckpt_dir) / STATE_FILE if ckpt_dir is not None else None
     if ckpt is not None:
@@ -323,21 +377,19 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
         barrier()  # no rank looks for the checkpoint while rank 0 tidies its directory
     step, tokens, seconds, history, resumed_from = 0, 0, 0.0, [], 0
     if ckpt is not None and resume and ckpt.is_file():
-        step, tokens, seconds, history = _restore(ckpt, meta, params, opt, sched, device)
+        step, tokens, seconds, history = _restore(ckpt, meta, stepped, opt, sched, device)
         resumed_from = step
     if world > 1:
         steps_seen = all_gather(torch.tensor([step], dtype=torch.long))
         if any(int(s) != step for s in steps_seen):
             raise BitnestError(f"the processes resumed from different steps ({[int(s) for s in steps_seen]}): the "
                                f"checkpoint directory {ckpt_dir} must be the same file on every rank")
-        with torch.no_grad():  # every rank starts from rank 0's parameters, as DDP does
-            for p in params:
-                p.copy_(broadcast(p.detach()))
 
-    def state() -> dict:
+    def state() -> dict:  # whole tensors: under FSDP gathered (every rank calls this), so W does not matter
         return {"step": step, "tokens": tokens, "seconds": seconds + (time.perf_counter() - t0), "history": history,
-                "params": {n: p.detach().cpu().clone() for n, p in zip(names, params)},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(), "meta": meta}
+                "params": {n: _whole(p.detach()).cpu().clone() for n, p in zip(names, stepped)},
+                "optimizer": _whole_optimizer(opt.state_dict()), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "meta": meta}
 
     was_training = student.training
     student.train()
@@ -371,12 +423,13 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
                     raise BitnestError(f"the training loss is {shown.item()} at step {step + 1}; lower the learning "
                                        "rate or check the data")
                 opt.zero_grad(set_to_none=True)
-                (loss * weight if dp else loss).backward()
+                # FSDP's reduce-scatter averages over the ranks; the all-reduce of _sync_grads sums
+                (loss * (weight * world if sharded is not None else weight) if dp else loss).backward()
                 updating = True
-                if dp:
+                if dp and sharded is None:
                     _sync_grads(params)
-                gnorm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip else
-                         torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                gnorm = _whole(torch.nn.utils.clip_grad_norm_(stepped, clip) if clip else torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in stepped if p.grad is not None])))
                 cur_lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
@@ -387,8 +440,11 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
                        "lr": cur_lr, "grad_norm": float(gnorm), "tokens": tokens}
                 history.append(rec)
                 updating = False  # parameters, optimizer, counters and history agree again: safe to save
-                if ckpt is not None and main and (step % ckpt_every == 0 or step == steps):
-                    _save_state(ckpt, state())  # rank 0 alone: the state is the same on every rank
+                if ckpt is not None and (step % ckpt_every == 0 or step == steps):
+                    if main or sharded is not None:  # under FSDP every rank gathers; rank 0 alone writes
+                        s_now = state()
+                        if main:
+                            _save_state(ckpt, s_now)
                 if log_fn is not None:
                     log_fn(rec)
                 el = time.perf_counter() - t0
@@ -396,7 +452,7 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
                                  "lr": f"{cur_lr:.2e}", "tok/s": f"{session_tokens / max(el, 1e-9):,.0f}"}, refresh=False)
                 bar.update(1)
     except KeyboardInterrupt:
-        if ckpt is not None and main and not updating and step > resumed_from:
+        if ckpt is not None and main and sharded is None and not updating and step > resumed_from:
             _save_state(ckpt, state())
             bar.write(f"interrupted: saved step {step} to {ckpt}; run again to resume")
         raise
@@ -404,6 +460,8 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
         bar.close()
         student.train(was_training)
         opt.zero_grad(set_to_none=True)
+    if sharded is not None:  # on success only: a collective after one rank failed would hang the others
+        sharded.restore()
     return TrainResult(step, tokens, seconds + time.perf_counter() - t0, history, resumed_from)
 
 
@@ -429,10 +487,12 @@ def _restore(ckpt: Path, meta: dict, params, opt, sched, device) -> tuple[int, i
                            + "; ".join(f"{k} {_short(a)} → {_short(b)}" for k, a, b in changed)
                            + ". Resuming would not reproduce that run: use the same settings, another checkpoint "
                            "directory, or delete it")
+    from .fsdp import Sharded
+
     with torch.no_grad():
         for n, p in zip(meta["names"], params):
-            p.copy_(s["params"][n].to(device))
-    opt.load_state_dict(s["optimizer"])
+            p.copy_(Sharded.shard_like(s["params"][n].to(device), p))
+    opt.load_state_dict(_sharded_optimizer(s["optimizer"], params))
     sched.load_state_dict(s["scheduler"])
     rng = dict(s["rng"])
     rng["python"] = _to_tuples(rng["python"])

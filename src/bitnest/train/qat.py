@@ -58,6 +58,7 @@ class DistillSettings:
     seed: int = 0
     ckpt_dir: str | None = None
     ckpt_every: int = 100
+    fsdp: bool = False  # under torchrun: shard the student (and teacher) with FSDP2 instead of a full copy per rank
 
     def __post_init__(self):
         bad = []
@@ -151,7 +152,7 @@ def distill_qat(model: nn.Module, names: list[str], prepare: Callable[[str, nn.L
                          Distill(hold["teacher"], settings.alpha, settings.hidden_loss, settings.kd),
                          steps=settings.steps, lr=settings.lr, betas=(settings.beta1, settings.beta2),
                          warmup=settings.warmup_steps, schedule=settings.schedule, clip=settings.clip,
-                         params=ps, ckpt_dir=settings.ckpt_dir, ckpt_every=settings.ckpt_every,
+                         params=ps, ckpt_dir=settings.ckpt_dir, ckpt_every=settings.ckpt_every, fsdp=settings.fsdp,
                          progress=progress, desc=desc)
         finally:
             hold.clear()
