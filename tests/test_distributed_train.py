@@ -90,6 +90,21 @@ def sharding_record(path: str) -> None:
     sh.restore()
     same = (all(a is b for a, b in zip(model.parameters(), params)) and classes == [type(m) for m in model.modules()]
             and all(torch.equal(before[n], p) for n, p in model.named_parameters()))
+    model.load_state_dict(model.state_dict())  # no FSDP state_dict hook left behind
+    again = Sharded(model, params)  # a second run on the same modules (OmniQuant's blocks, a second train call)
+    again.restore()
+    same = same and all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    # an error every rank raises alike (here a non-finite loss) gives the model back before it propagates
+    from bitnest.errors import BitnestError
+    from bitnest.train.loop import train
+    try:
+        train(model, [torch.zeros(4, 8, dtype=torch.long)], lambda m, b: m(b).logits.sum() * float("nan"), steps=2,
+              lr=1e-3, progress=False, fsdp=True)
+    except BitnestError:
+        same = same and classes == [type(m) for m in model.modules()] and all(
+            torch.equal(before[n], p) for n, p in model.named_parameters())
+    else:
+        same = False
     Path(f"{path}-{rank_world()[0]}.json").write_text(json.dumps(
         {"held": held, "total": sum(v.numel() for v in before.values()), "freed": freed, "same": same}))
 

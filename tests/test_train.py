@@ -207,3 +207,18 @@ def test_text_sequences(ref10m_path, shared, tmp_path):
     assert torch.equal(seqs.reshape(-1), full[: seqs.numel()])
     with pytest.raises(BitnestError):
         text_sequences(tok, tmp_path / "missing.txt", 4)
+
+
+def test_fsdp_refuses_mixed_dtypes_in_one_block():
+    """FSDP2 asserts at the first forward when one group trains parameters of two dtypes; bitnest says so before
+    sharding, naming them (e.g. fp32 training twins next to bf16 norms with train_norms)."""
+    from torch import nn
+
+    from bitnest.train.fsdp import _check_dtypes
+
+    block = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4).to(torch.bfloat16))
+    with pytest.raises(BitnestError, match="bfloat16, float32"):
+        _check_dtypes([block])
+    block[1].weight.requires_grad_(False)
+    block[1].bias.requires_grad_(False)
+    _check_dtypes([block])  # frozen half-precision parameters are fine

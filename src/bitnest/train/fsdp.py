@@ -6,12 +6,16 @@
     sharded.restore()                        # the student as it was, plain Parameters holding the trained values
 
 Why undo: the methods convert the trained twins into packed layers in place (train/twins.py) and read the trained
-values as ordinary tensors; fully_shard swaps each sharded module's class, hooks its forward and replaces its
-Parameters by DTensor shards. `restore` gathers each trained value into the *original* Parameter object (kept, with
-its storage freed while sharded, so memory is what FSDP promises) and takes the class and hooks off again, so the
+values as ordinary tensors; fully_shard swaps each sharded module's class, hooks its forward and its state_dict
+save/load, and replaces its Parameters by DTensor shards. `restore` gathers each trained value into the *original*
+Parameter object (kept, with its storage freed while sharded) and takes the class and every hook off again, so the
 callers' references (the parameter list, `train_twins`' requires_grad record, a loss's list of twin modules) stay
-valid. What FSDP2 changes on a module is private to torch; `restore` checks each piece it relies on and fails with
-a one-line error naming the torch version if a release moves it.
+valid. What FSDP2 changes on a module is private to torch: `restore` first checks every piece it relies on (before
+changing anything) and fails with a one-line error naming the torch version if a release moved one.
+
+Memory while sharded, per rank: 1/W of every parameter, gradient and Adam state, plus the whole weights of the group
+running (one block; the root group — embeddings, final norm, LM head — stays whole from the forward to the end of
+the backward). Before sharding and when giving the model back each rank holds the whole student (and teacher).
 """
 from __future__ import annotations
 
@@ -67,21 +71,26 @@ class Sharded:
         self._mesh = init_device_mesh(device.type, (rank_world()[1],))
         self._all: dict[int, tuple[nn.Parameter, list]] = {}  # every sharded Parameter with its registrations
         self._groups: list[nn.Module] = []
-        self._shard(model)
+        self._kept: set[int] = set()  # ids of the Parameters whose values `restore` gathers (not a dropped teacher's)
+        self._shard(model, keep=True)
         self.params = [self._registered(p) for p in self.orig]  # the shards, where each original was registered
         self._free()
 
-    def also(self, other: nn.Module) -> None:
-        """Shard another model too (a frozen teacher: forward only), given back by `restore` as well."""
-        self._shard(other)
+    def also(self, other: nn.Module, keep: bool = True) -> None:
+        """Shard another model too (a frozen teacher: forward only). `restore` takes FSDP off it as well, and gives
+        its values back only with `keep` (a teacher dropped after training need not be gathered whole again)."""
+        self._shard(other, keep)
         self._free()
 
-    def _shard(self, model: nn.Module) -> None:
+    def _shard(self, model: nn.Module, keep: bool) -> None:
         from torch.distributed.fsdp import fully_shard
 
         owners = _owners(model)
-        self._all.update({id(p): (p, owners[id(p)]) for p in model.parameters()})
         groups = _groups(model)
+        _check_dtypes(groups)
+        self._all.update({id(p): (p, owners[id(p)]) for p in model.parameters()})
+        if keep:
+            self._kept.update(id(p) for p in model.parameters())
         for g in groups:
             fully_shard(g, mesh=self._mesh, reshard_after_forward=True)  # shards are what the optimizer steps
         self._groups += groups
@@ -106,51 +115,97 @@ class Sharded:
 
     @staticmethod
     def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """`full` split as the DTensor `like` is (every rank passes the same `full`); `full` itself otherwise."""
+        """`full` split as the DTensor `like` is; `full` itself otherwise. Every rank passes the same `full` (read
+        from the same file) and keeps its own piece: nothing is sent (src_data_rank=None)."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         if not isinstance(like, DTensor):
             return full
-        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                 src_data_rank=None)
 
-    def restore(self) -> None:
-        """Put the trained values into the original Parameters and take FSDP off every module (collective)."""
+    def _undo_plan(self) -> list[tuple[nn.Module, type, object]]:
+        """(module, its class before fully_shard, its FSDP state) per group, after checking that everything
+        `restore` takes off is where this torch keeps it; a one-line error (nothing changed yet) otherwise."""
         import importlib
 
         from torch.distributed.fsdp import FSDPModule
 
-        with torch.no_grad():
-            values = [(p, regs, self.full(self._registered(p).detach()).clone()) for p, regs in self._all.values()]
+        where = f"cannot give the model back from FSDP on torch {torch.__version__}"
+        contract = importlib.import_module("torch.distributed._composable.contract")
         cs = importlib.import_module("torch.distributed._composable_state")
-        contract = importlib.import_module("torch.distributed._composable.contract")  # the module, not its function
-        for g in reversed(self._groups):
+        if not all(hasattr(contract, k) for k in ("STATE_KEY", "REGISTRY_KEY")) or not hasattr(cs, "_module_state_mapping"):
+            raise BitnestError(f"{where}: its composable-API registry moved; train without fsdp")
+        plan = []
+        for g in self._groups:
             if not isinstance(g, FSDPModule):
-                continue
+                raise BitnestError(f"{where}: {type(g).__name__} is not an FSDP module; train without fsdp")
             state = g._get_fsdp_state()
-            for h in ("_pre_forward_hook_handle", "_post_forward_hook_handle"):
-                handle = getattr(state, h, None)
-                if handle is None:
-                    raise BitnestError(f"cannot undo FSDP on torch {torch.__version__}: its state has no {h}; "
-                                       "train without fsdp")
-                handle.remove()
             bases = [b for b in type(g).__bases__ if b is not FSDPModule]
-            if len(bases) != 1:
-                raise BitnestError(f"cannot undo FSDP on torch {torch.__version__}: unexpected class layout "
-                                   f"{type(g).__name__}; train without fsdp")
-            g.__class__ = bases[0]
-            # fully_shard's records of the module: a later run (OmniQuant's next block, another call) may shard again
-            for key in (getattr(contract, "STATE_KEY", None), getattr(contract, "REGISTRY_KEY", None)):
-                if key is not None:
-                    g.__dict__.pop(key, None)
-            getattr(cs, "_module_state_mapping", {}).pop(g, None)
-        for p, regs, v in values:
-            p.data = v
-            for mod, attr in regs:
-                mod._parameters[attr] = p
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if len(bases) != 1 or groups is None or any(getattr(state, h, None) is None for h in _FORWARD_HOOKS):
+                raise BitnestError(f"{where}: its FSDP state or class layout ({type(g).__name__}) differs; train "
+                                   "without fsdp")
+            for pg in groups:
+                if not all(hasattr(pg, k) for k in _GROUP_HOOKS) or \
+                        not all(hasattr(fp, "_post_load_hook_handle") for fp in pg.fsdp_params):
+                    raise BitnestError(f"{where}: its FSDP parameter groups differ; train without fsdp")
+            plan.append((g, bases[0], state))
+        return plan
+
+    def restore(self) -> None:
+        """Put the trained values into the original Parameters and take FSDP off every module (collective: one
+        gather per parameter, in the same order on every rank)."""
+        import importlib
+
+        plan = self._undo_plan()
+        with torch.no_grad():  # one parameter at a time: the whole model, not twice it, at the peak
+            for p, regs in self._all.values():
+                v = self.full(self._registered(p).detach()).clone() if id(p) in self._kept else p.data
+                p.data = v
+                for mod, attr in regs:
+                    mod._parameters[attr] = p
+        contract = importlib.import_module("torch.distributed._composable.contract")
+        cs = importlib.import_module("torch.distributed._composable_state")
+        for g, cls, state in reversed(plan):
+            for h in _FORWARD_HOOKS:
+                getattr(state, h).remove()
+            for pg in state._fsdp_param_groups:  # state_dict save / load hooks on every module holding a parameter
+                for k in _GROUP_HOOKS:
+                    for handle in getattr(pg, k).values():
+                        handle.remove()
+                    getattr(pg, k).clear()
+                for fp in pg.fsdp_params:
+                    fp._post_load_hook_handle.remove()
+            g.__class__ = cls
+            # fully_shard's entries only (another composable API's stay): a later run may shard the module again
+            states = g.__dict__.get(contract.STATE_KEY, {})  # keyed by the function fully_shard wraps
+            for k in [k for k in states if getattr(k, "__name__", "") == "fully_shard"]:
+                del states[k]
+            g.__dict__.get(contract.REGISTRY_KEY, {}).pop("fully_shard", None)
+            cs._module_state_mapping.pop(g, None)
         for g in self._groups:  # the flags fully_shard sets for torch.compile
             for mod in g.modules():
                 mod.__dict__.pop("_is_fsdp_managed_module", None)
                 mod.__dict__.pop("_fsdp_use_orig_params", None)
+
+
+_FORWARD_HOOKS = ("_pre_forward_hook_handle", "_post_forward_hook_handle")
+_GROUP_HOOKS = ("_module_to_pre_save_state_dict_hook_handle", "_module_to_pre_load_state_dict_hook_handle")
+
+
+def _check_dtypes(groups: list[nn.Module]) -> None:
+    """FSDP2 needs the trained parameters of one group to share a dtype; say so before sharding (it would assert at
+    the first forward)."""
+    seen: set[int] = set()
+    for g in groups:
+        ps = [p for p in g.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        dtypes = {p.dtype for p in ps if p.requires_grad}
+        if len(dtypes) > 1:
+            raise BitnestError(f"fsdp needs the trained parameters of each block to share a dtype; {type(g).__name__} "
+                               f"trains {', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))} ones "
+                               "(e.g. train_norms on a half-precision model); train without fsdp or load the model in fp32")
 
 
 __all__ = ["Sharded", "available"]

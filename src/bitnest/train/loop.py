@@ -28,7 +28,7 @@ resumable checkpoints.
   summed); `tokens` counts the global batch; `log_fn` gets that same record on every rank. Rank 0 alone writes
   the checkpoint; every rank reads it on resume. Its state (full parameters, Adam's state, rank 0's RNG) does not
   depend on W and W is not part of the recipe: a run checkpointed on W ranks resumes on any number of ranks.
-  Each rank holds the full student (and the caller's teacher, which sees only that rank's rows). `loss_fn` must
+  Without FSDP each rank holds the full student (and the caller's teacher, which sees only that rank's rows). `loss_fn` must
   be a mean over the rows of its batch (every loss here is). `data_parallel=False`: every rank runs the whole
   batch (the same computation everywhere; rank 0 still writes alone).
 - `fsdp=True` under torchrun (W > 1, data-parallel): FSDP2 (`fully_shard`, train/fsdp.py) instead of a full student per
@@ -169,9 +169,16 @@ def _whole(t):
     return Sharded.full(t) if isinstance(t, torch.Tensor) else t
 
 
-def _whole_optimizer(sd: dict) -> dict:
+def _whole_cpu(t, keep: bool = True):
+    """A tensor whole (gathered when it is a DTensor shard: every rank calls this) as a CPU copy, one tensor at a time
+    so a rank never holds all of them on its device; None where `keep` is false (the ranks that do not write)."""
+    w = _whole(t)
+    return (w.cpu().clone() if keep else None) if isinstance(w, torch.Tensor) else w
+
+
+def _whole_optimizer(sd: dict, keep: bool = True) -> dict:
     """Adam's state_dict with every DTensor shard gathered, so the checkpoint does not depend on the ranks."""
-    return {**sd, "state": {i: {k: _whole(v) for k, v in st.items()} for i, st in sd["state"].items()}}
+    return {**sd, "state": {i: {k: _whole_cpu(v, keep) for k, v in st.items()} for i, st in sd["state"].items()}}
 
 
 def _sharded_optimizer(sd: dict, params) -> dict:
@@ -361,106 +368,112 @@ def train(student: torch.nn.Module, batches: Callable[[int], object] | Sequence,
         sharded = _shard_student(student, params, loss_fn)
     stepped = sharded.params if sharded is not None else params  # what Adam updates: the shards under FSDP
 
-    opt = torch.optim.Adam(stepped, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, steps=steps, warmup=warmup, schedule=schedule, min_ratio=min_lr_ratio))
-    meta = {"steps": steps, "lr": lr, "betas": list(betas), "warmup": warmup, "schedule": schedule,
-            "eps": eps, "weight_decay": weight_decay, "min_lr_ratio": min_lr_ratio, "clip": clip,
-            "names": names, "shapes": [list(p.shape) for p in stepped]}
-
-    ckpt = Path(ckpt_dir) / STATE_FILE if ckpt_dir is not None else None
-    if ckpt is not None:
-        from ..formats.checkpoint import clean_stale
-        meta["recipe"] = recipe_of(batches, loss_fn, recipe)
-        if main:
-            clean_stale(ckpt)  # a temporary file a killed run left
-        barrier()  # no rank looks for the checkpoint while rank 0 tidies its directory
-    step, tokens, seconds, history, resumed_from = 0, 0, 0.0, [], 0
-    if ckpt is not None and resume and ckpt.is_file():
-        step, tokens, seconds, history = _restore(ckpt, meta, stepped, opt, sched, device)
-        resumed_from = step
-    if world > 1:
-        steps_seen = all_gather(torch.tensor([step], dtype=torch.long))
-        if any(int(s) != step for s in steps_seen):
-            raise BitnestError(f"the processes resumed from different steps ({[int(s) for s in steps_seen]}): the "
-                               f"checkpoint directory {ckpt_dir} must be the same file on every rank")
-
-    def state() -> dict:  # whole tensors: under FSDP gathered (every rank calls this), so W does not matter
-        return {"step": step, "tokens": tokens, "seconds": seconds + (time.perf_counter() - t0), "history": history,
-                "params": {n: _whole(p.detach()).cpu().clone() for n, p in zip(names, stepped)},
-                "optimizer": _whole_optimizer(opt.state_dict()), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                "meta": meta}
-
-    was_training = student.training
-    student.train()
-    t0 = time.perf_counter()
-    session_tokens = 0
-    updating = False
-    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress or not main,
-               dynamic_ncols=True)
     try:
-        with torch.enable_grad():
-            while step < steps:
-                batch = batch_at(step)
-                n_tok = _tokens(batch)  # the global batch's tokens, whatever W
-                weight = 1.0
-                if dp:
-                    rows = _rows(batch)
-                    if rows < world:
-                        raise BitnestError(f"a batch of {rows} sequences cannot be split over {world} processes; "
-                                           "use a larger batch or fewer processes")
-                    batch = _shard(batch, rank, world, rows)
-                    weight = _rows(batch) / rows
-                batch = _to(batch, device)
-                loss, parts = _split_loss(loss_fn(student, batch))
-                shown, shown_parts = loss, parts
-                if dp:  # the global mean of the loss and of each part: Σ_r rows_r / B · mean_r
-                    vals = torch.stack([torch.as_tensor(v).detach().float().reshape(()).cpu()
-                                        for v in (loss, *parts.values())]) * weight
-                    vals = all_reduce_sum(vals)
-                    shown, shown_parts = vals[0], dict(zip(parts, vals[1:]))
-                if not torch.isfinite(shown):
-                    raise BitnestError(f"the training loss is {shown.item()} at step {step + 1}; lower the learning "
-                                       "rate or check the data")
-                opt.zero_grad(set_to_none=True)
-                # FSDP's reduce-scatter averages over the ranks; the all-reduce of _sync_grads sums
-                (loss * (weight * world if sharded is not None else weight) if dp else loss).backward()
-                updating = True
-                if dp and sharded is None:
-                    _sync_grads(params)
-                gnorm = _whole(torch.nn.utils.clip_grad_norm_(stepped, clip) if clip else torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in stepped if p.grad is not None])))
-                cur_lr = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                step += 1
-                tokens += n_tok
-                session_tokens += n_tok
-                rec = {"step": step, "loss": shown.item(), **{k: _scalar(v) for k, v in shown_parts.items()},
-                       "lr": cur_lr, "grad_norm": float(gnorm), "tokens": tokens}
-                history.append(rec)
-                updating = False  # parameters, optimizer, counters and history agree again: safe to save
-                if ckpt is not None and (step % ckpt_every == 0 or step == steps):
-                    if main or sharded is not None:  # under FSDP every rank gathers; rank 0 alone writes
-                        s_now = state()
-                        if main:
-                            _save_state(ckpt, s_now)
-                if log_fn is not None:
-                    log_fn(rec)
-                el = time.perf_counter() - t0
-                bar.set_postfix({"loss": f"{rec['loss']:.4g}", **{k: f"{rec[k]:.4g}" for k in parts},
-                                 "lr": f"{cur_lr:.2e}", "tok/s": f"{session_tokens / max(el, 1e-9):,.0f}"}, refresh=False)
-                bar.update(1)
-    except KeyboardInterrupt:
-        if ckpt is not None and main and sharded is None and not updating and step > resumed_from:
-            _save_state(ckpt, state())
-            bar.write(f"interrupted: saved step {step} to {ckpt}; run again to resume")
+        opt = torch.optim.Adam(stepped, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, steps=steps, warmup=warmup, schedule=schedule, min_ratio=min_lr_ratio))
+        meta = {"steps": steps, "lr": lr, "betas": list(betas), "warmup": warmup, "schedule": schedule,
+                "eps": eps, "weight_decay": weight_decay, "min_lr_ratio": min_lr_ratio, "clip": clip,
+                "names": names, "shapes": [list(p.shape) for p in stepped]}
+
+        ckpt = Path(ckpt_dir) / STATE_FILE if ckpt_dir is not None else None
+        if ckpt is not None:
+            from ..formats.checkpoint import clean_stale
+            meta["recipe"] = recipe_of(batches, loss_fn, recipe)
+            if main:
+                clean_stale(ckpt)  # a temporary file a killed run left
+            barrier()  # no rank looks for the checkpoint while rank 0 tidies its directory
+        step, tokens, seconds, history, resumed_from = 0, 0, 0.0, [], 0
+        if ckpt is not None and resume and ckpt.is_file():
+            step, tokens, seconds, history = _restore(ckpt, meta, stepped, opt, sched, device)
+            resumed_from = step
+        if world > 1:
+            steps_seen = all_gather(torch.tensor([step], dtype=torch.long))
+            if any(int(s) != step for s in steps_seen):
+                raise BitnestError(f"the processes resumed from different steps ({[int(s) for s in steps_seen]}): the "
+                                   f"checkpoint directory {ckpt_dir} must be the same file on every rank")
+
+        def state() -> dict:  # whole tensors: under FSDP gathered (every rank calls this), so W does not matter
+            return {"step": step, "tokens": tokens, "seconds": seconds + (time.perf_counter() - t0), "history": history,
+                    "params": {n: _whole_cpu(p.detach(), main) for n, p in zip(names, stepped)},
+                    "optimizer": _whole_optimizer(opt.state_dict(), main), "scheduler": sched.state_dict(),
+                    "rng": _rng_state(), "meta": meta}
+
+        was_training = student.training
+        student.train()
+        t0 = time.perf_counter()
+        session_tokens = 0
+        updating = False
+        bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress or not main,
+                   dynamic_ncols=True)
+        try:
+            with torch.enable_grad():
+                while step < steps:
+                    batch = batch_at(step)
+                    n_tok = _tokens(batch)  # the global batch's tokens, whatever W
+                    weight = 1.0
+                    if dp:
+                        rows = _rows(batch)
+                        if rows < world:
+                            raise BitnestError(f"a batch of {rows} sequences cannot be split over {world} processes; "
+                                               "use a larger batch or fewer processes")
+                        batch = _shard(batch, rank, world, rows)
+                        weight = _rows(batch) / rows
+                    batch = _to(batch, device)
+                    loss, parts = _split_loss(loss_fn(student, batch))
+                    shown, shown_parts = loss, parts
+                    if dp:  # the global mean of the loss and of each part: Σ_r rows_r / B · mean_r
+                        vals = torch.stack([torch.as_tensor(v).detach().float().reshape(()).cpu()
+                                            for v in (loss, *parts.values())]) * weight
+                        vals = all_reduce_sum(vals)
+                        shown, shown_parts = vals[0], dict(zip(parts, vals[1:]))
+                    if not torch.isfinite(shown):
+                        raise BitnestError(f"the training loss is {shown.item()} at step {step + 1}; lower the learning "
+                                           "rate or check the data")
+                    opt.zero_grad(set_to_none=True)
+                    # FSDP's reduce-scatter averages over the ranks; the all-reduce of _sync_grads sums
+                    (loss * (weight * world if sharded is not None else weight) if dp else loss).backward()
+                    updating = True
+                    if dp and sharded is None:
+                        _sync_grads(params)
+                    gnorm = _whole(torch.nn.utils.clip_grad_norm_(stepped, clip) if clip else torch.linalg.vector_norm(
+                        torch.stack([p.grad.norm() for p in stepped if p.grad is not None])))
+                    cur_lr = opt.param_groups[0]["lr"]
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    tokens += n_tok
+                    session_tokens += n_tok
+                    rec = {"step": step, "loss": shown.item(), **{k: _scalar(v) for k, v in shown_parts.items()},
+                           "lr": cur_lr, "grad_norm": float(gnorm), "tokens": tokens}
+                    history.append(rec)
+                    updating = False  # parameters, optimizer, counters and history agree again: safe to save
+                    if ckpt is not None and (step % ckpt_every == 0 or step == steps):
+                        if main or sharded is not None:  # under FSDP every rank gathers; rank 0 alone writes
+                            s_now = state()
+                            if main:
+                                _save_state(ckpt, s_now)
+                    if log_fn is not None:
+                        log_fn(rec)
+                    el = time.perf_counter() - t0
+                    bar.set_postfix({"loss": f"{rec['loss']:.4g}", **{k: f"{rec[k]:.4g}" for k in parts},
+                                     "lr": f"{cur_lr:.2e}", "tok/s": f"{session_tokens / max(el, 1e-9):,.0f}"}, refresh=False)
+                    bar.update(1)
+        except KeyboardInterrupt:
+            if ckpt is not None and main and sharded is None and not updating and step > resumed_from:
+                _save_state(ckpt, state())
+                bar.write(f"interrupted: saved step {step} to {ckpt}; run again to resume")
+            raise
+        finally:
+            bar.close()
+            student.train(was_training)
+            opt.zero_grad(set_to_none=True)
+    except BitnestError:  # raised alike on every rank (recipe, non-finite global loss, batch split): give it back
+        if sharded is not None:
+            sharded.restore()
         raise
-    finally:
-        bar.close()
-        student.train(was_training)
-        opt.zero_grad(set_to_none=True)
-    if sharded is not None:  # on success only: a collective after one rank failed would hang the others
+    if sharded is not None:  # on success (or an error every rank raised): a collective after one rank failed would hang
+        opt.state.clear()  # Adam's shards are not needed any more: room for the gathered student
         sharded.restore()
     return TrainResult(step, tokens, seconds + time.perf_counter() - t0, history, resumed_from)
 
