@@ -170,10 +170,11 @@ def _whole(t):
 
 
 def _whole_cpu(t, keep: bool = True):
-    """A tensor whole (gathered when it is a DTensor shard: every rank calls this) as a CPU copy, one tensor at a time
-    so a rank never holds all of them on its device; None where `keep` is false (the ranks that do not write)."""
+    """A tensor whole (gathered when it is a DTensor shard: every rank calls this) on the CPU, one tensor at a time
+    so a rank never holds all of them on its device; None where `keep` is false (the ranks that do not write).
+    A CPU tensor is not copied: the state is saved right away."""
     w = _whole(t)
-    return (w.cpu().clone() if keep else None) if isinstance(w, torch.Tensor) else w
+    return (w.cpu() if keep else None) if isinstance(w, torch.Tensor) else w
 
 
 def _whole_optimizer(sd: dict, keep: bool = True) -> dict:
