@@ -271,3 +271,43 @@ def test_layers_hold_no_dequantized_weight():
             layer(torch.randn(2, 256))
         tensors = list(layer.buffers()) + list(layer.parameters()) + [v for v in vars(layer).values() if torch.is_tensor(v)]
         assert not any(t.is_floating_point() and t.numel() >= 64 * 256 for t in tensors)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("group_size", [None, 32, 64, 128, 256])
+def test_vector_kernels_on_tiling_layouts(bits, group_size):
+    """Layouts whose codes tile the vector blocks of every ISA (K = 1536: a multiple of the AVX-512 and AVX2 block
+    of each width), so the spread kernels run, not the fallbacks: fp32 and bf16 activations, 1–16 rows (every
+    pass of 8, 4, 2 and 1 rows), symmetric and asymmetric, sliced from a wider parent — against the reference."""
+    from bitnest.kernels import cpu
+    g = torch.Generator().manual_seed(bits * 1000 + (group_size or 0))
+    for m in (1, 3, 7, 16):
+        for symmetric, parent in ((False, 8), (True, 8), (False, bits)):
+            if symmetric and bits < 2:
+                continue
+            p = random_affine(g, 20, 1536, bits, parent, group_size, symmetric)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = _x(g, m, 1536, dtype)
+                assert kernels.path_for(x, p) == ("cpu" if cpu.available() else "reference")
+                ref = reference.affine_linear(x.float(), p)
+                assert_close(kernels.linear(x, p), ref, dtype, what=f"b={bits} g={group_size} m={m} sym={symmetric}",
+                             scale=condition(x, reference.affine_weight(p)))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("tables", ["shared", "row", "group"])
+def test_vector_codebook_kernels_on_tiling_layouts(bits, tables):
+    """Codebooks in the spread kernels (tables held in registers; 16-entry tables take two look-ups and a blend on
+    AVX2): K = 1536, groups of 128, 1–16 rows, against the reference."""
+    g = torch.Generator().manual_seed(bits)
+    out, n_in, gs = 12, 1536, 128
+    G = n_in // gs
+    Rt, Gt = {"shared": (1, 1), "row": (out, 1), "group": (out, G)}[tables]
+    for m in (1, 5, 16):
+        codes = torch.randint(0, 1 << bits, (out, n_in), generator=g).to(torch.uint8)
+        table = _fp16(torch.randn(Rt, Gt, 1 << bits, generator=g))
+        scale = _fp16(torch.rand(out, G, generator=g) + 0.1)
+        p = kernels.Codebook(pack(codes, bits), bits, n_in, table, scale, gs)
+        x = _x(g, m, n_in, torch.float32)
+        assert_close(kernels.linear(x, p), reference.codebook_linear(x, p), torch.float32, what=f"b={bits} {tables} m={m}",
+                     scale=condition(x, reference.codebook_weight(p)))

@@ -6,7 +6,7 @@
 group size, shape): the first registered path for that device and kind whose `supports` accepts the weight,
 falling back to the pure-torch reference (kernels/reference.py), which runs everywhere. Registered here:
 
-  cpu    C++ kernels (kernels/cpu.py, compiled on first use; AVX-512 where the CPU has it): affine b = 1..8
+  cpu    C++ kernels (kernels/cpu.py, compiled on first use; AVX-512 or AVX2 where the CPU has it): affine b = 1..8
          (per channel / tensor / group, sym / asym, Matryoshka slices, Extra Precision, activation-quantized),
          sign (OneBit / BitNet), codebook (table look-up), int8 × int8 (integer-only)
   cuda   Triton kernels (kernels/triton_kernels.py): affine, sign, codebook — when triton is installed

@@ -2,7 +2,7 @@
 
 The build is keyed by a hash of the source, the flags, torch's version and this CPU's instruction-set flags, so
 a cache is never reused on a machine it was not built for. `-march=native` turns on what the CPU has
-(AVX-512 with VBMI/VNNI/BF16 on the machines we measure on); the kernels carry a portable path for the rest.
+(AVX-512 with VBMI/VNNI/BF16, or AVX2 + FMA + F16C); the kernels carry a portable path for the rest.
 Without a compiler (or with BITNEST_KERNELS=reference) `ext()` returns None after one notice on stderr, and
 every layer computes through the pure-torch reference.
 """
@@ -96,6 +96,12 @@ def available() -> bool:
 def has_avx512() -> bool:
     m = ext()
     return bool(m is not None and m.has_avx512())
+
+
+def isa() -> str:
+    """The vector path the kernels run here: "avx512", "avx2", "portable" (plain C++) or "reference" (no extension)."""
+    m = ext()
+    return "reference" if m is None else m.isa()
 
 
 # ------------------------------------------------------------------------------------------ paths

@@ -117,7 +117,8 @@ class QuantLinear(nn.Module):
         """The codes the kernels read: the stored ones, or the r-bit working copy of a nested layer."""
         r = self.serve_bits
         if r == self.bits:
-            self.qweight_r, self._slice_of = None, None
+            if self.qweight_r is not None or self._slice_of is not None:  # (a module setattr per forward costs µs)
+                self.qweight_r, self._slice_of = None, None
             return self.qweight
         src = self._codes_id()
         if self._slice_of != (r, src):

@@ -19,7 +19,8 @@
 // dequantized weight up to summation order (the offset o = 2^b cancels against o·S, costing ~2 bits at
 // most). 8-bit codes are centred (q − 128, o = −128) and converted by vpmovsxbd + vcvtdq2ps.
 // Plain loads are used wherever the 64 bytes lie inside the buffer: masked byte loads are several times
-// slower on the CPUs we measure. Portable path: plain C++ (any CPU; the tests run it with simd=false).
+// slower on the CPUs we measure. AVX2 + FMA (x86 without AVX-512): the spread kernels at 256 bits, section
+// "AVX2" below. Portable path: plain C++ (any CPU; the tests run it with simd=false).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #ifdef _OPENMP
@@ -39,6 +40,13 @@
 #define BITNEST_AVX512 1
 #else
 #define BITNEST_AVX512 0
+#endif
+// x86 without AVX-512 (Zen 2/3, most laptop and desktop CPUs): the same spread kernels at 256 bits
+#if !BITNEST_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define BITNEST_AVX2 1
+#else
+#define BITNEST_AVX2 0
 #endif
 
 #ifndef BN_NUS
@@ -302,6 +310,15 @@ void row_params(const Affine& a, int64_t i, float off, float* alpha, float* zter
     _mm512_mask_storeu_ps(alpha + g, k, va);
     _mm512_mask_storeu_ps(zterm + g, k, _mm512_mul_ps(va, _mm512_add_ps(vz, vo)));
   }
+#elif BITNEST_AVX2
+  const __m256 vm = _mm256_set1_ps(a.mult), vi = _mm256_set1_ps(inv), vo = _mm256_set1_ps(off);
+  for (; g + 8 <= G; g += 8) {
+    const __m256 va = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g))), vm);
+    const __m256 vz = ze ? _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ze + g))), vi)
+                         : _mm256_set1_ps(a.zc * inv);
+    _mm256_storeu_ps(alpha + g, va);
+    _mm256_storeu_ps(zterm + g, _mm256_mul_ps(va, _mm256_add_ps(vz, vo)));
+  }
 #endif
   for (; g < G; ++g) {
     alpha[g] = h2f(sc[g]) * a.mult;
@@ -316,6 +333,12 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
   s = _mm512_reduce_add_ps(acc);
+#elif BITNEST_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
 #endif
   for (; j < n; ++j) s += a[j] * b[j];
   return s;
@@ -801,6 +824,386 @@ void affine_rows_avx512(const Affine& a, const float* X, int64_t M, const float*
 }
 #endif
 
+#if BITNEST_AVX2
+// ---- AVX2 + FMA: the spread kernels at 256 bits ------------------------------------------------------------
+// A block is 8 dwords (32 bytes; 24 for b = 3, 6: 12 bytes per 128-bit lane spread 3 per dword by one vpshufb),
+// ND codes per dword; code K of every dword becomes 8 floats 2^b + q by a shift, an AND and an OR (AVX2 has no
+// ternary logic), then one FMA per activation row. x is permuted once per call to the block order. bf16
+// activations are widened to fp32 (no bf16 dot product before AVX-512). 16 vector registers: at most 4 activation
+// rows per pass.
+namespace avx2 {
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+template <int B>
+struct Spread {
+  static constexpr bool PERM = B == 3 || B == 6;
+  static constexpr int ND = (PERM ? 24 : 32) / B;  // codes per dword
+  static constexpr int BYTES = PERM ? 24 : 32;     // bytes per block
+  static constexpr int E = 8 * ND;                 // codes per block
+  static constexpr int STEPS = ND;
+  __m256i shuf, mask, expc;
+  const uint8_t* end;
+  explicit Spread(const uint8_t* buffer_end) : end(buffer_end) {
+    alignas(32) uint8_t p[32];
+    for (int d = 0; d < 4; ++d)
+      for (int e = 0; e < 4; ++e) p[4 * d + e] = p[16 + 4 * d + e] = static_cast<uint8_t>(3 * d + std::min(e, 2));
+    shuf = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
+    mask = _mm256_set1_epi32(((1 << B) - 1) << (23 - B));
+    expc = _mm256_set1_epi32((127 + B) << 23);
+  }
+  BN_INLINE __m256i block(const uint8_t* src) const {
+    if constexpr (!PERM) {
+      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    } else {  // lane 0: bytes 0..11, lane 1: bytes 12..23 (the 16-byte load past them stays inside the buffer but at its end)
+      __m128i hi;
+      if (src + 28 <= end) {
+        hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 12));
+      } else {
+        alignas(16) uint8_t t[16] = {0};
+        std::memcpy(t, src + 12, 12);
+        hi = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+      }
+      const __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), hi, 1);
+      return _mm256_shuffle_epi8(raw, shuf);
+    }
+  }
+  template <int K>
+  BN_INLINE __m256 code(__m256i dw) const {  // code K of every dword as fp32 2^b + q
+    constexpr int sh = 23 - B - K * B;
+    __m256i v;
+    if constexpr (sh >= 0) v = _mm256_slli_epi32(dw, sh);
+    else v = _mm256_srli_epi32(dw, -sh);
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(v, mask), expc));
+  }
+  // code K of every dword as the fp32 q·2^(K·b): masked in place and converted (the top code shifted down
+  // instead: bit 31 is a sign); x carries the 2^(−K·b) (spread_x with scaled = true), exact powers of two
+  template <int K>
+  BN_INLINE __m256 code_cvt(__m256i dw) const {
+    constexpr int lo = K * B;
+    if constexpr (lo + B >= 32) return _mm256_cvtepi32_ps(_mm256_srli_epi32(dw, lo));
+    else return _mm256_cvtepi32_ps(_mm256_and_si256(dw, _mm256_set1_epi32(((1 << B) - 1) << lo)));
+  }
+};
+
+inline int nd(int b) { return b == 3 || b == 6 ? 24 / b : 32 / b; }
+
+#ifndef BN_AVX2_CVT
+#define BN_AVX2_CVT 1
+#endif
+// Which affine decoder a width uses: mask + convert for b ≥ 3 (two ops a vector, measured 10–25 % faster at
+// 4096², batch 1, than shift + AND + OR); b = 1, 2 need a mask per code (16–32 constants): shift + AND + OR
+constexpr bool cvt_codes(int b) { return BN_AVX2_CVT && b >= 3; }
+
+// x (M, K) -> block-major: xp[(β·M + m)·E + 8k + d] = x[m, β·E + d·ND + k], times 2^(−shift of code k) when
+// `b` > 0 (the affine decoders' code_cvt)
+std::vector<float> spread_x(const float* X, int64_t M, int64_t K, int nd, int b = 0) {
+  std::vector<float> xp(M * K);
+  const int64_t E = 8 * nd;
+  float mul[32];
+  for (int k = 0; k < nd; ++k) mul[k] = cvt_codes(b) ? std::ldexp(1.0f, -(k * b + b >= 32 ? 0 : k * b)) : 1.f;
+  for (int64_t b0 = 0; b0 < K / E; ++b0)
+    for (int64_t m = 0; m < M; ++m) {
+      float* o = xp.data() + (b0 * M + m) * E;
+      const float* x = X + m * K + b0 * E;
+      for (int k = 0; k < nd; ++k)
+        for (int d = 0; d < 8; ++d) o[8 * k + d] = x[d * nd + k] * mul[k];
+    }
+  return xp;
+}
+
+template <int B_>
+struct AffineDec {  // ŵ = α'((2^b + q) − (z' + 2^b)), as in the AVX-512 AffineDec
+  static constexpr int B = B_;
+  using SP = Spread<B>;
+  const Affine& a;
+  const SP sp;
+  std::vector<float> alpha, zterm;
+  explicit AffineDec(const Affine& a_) : a(a_), sp(a_.end()), alpha(a_.groups() + 16), zterm(a_.groups() + 16) {}
+  int64_t K() const { return a.K; }
+  int64_t N() const { return a.N; }
+  int64_t gsz() const { return a.gsz; }
+  const uint8_t* row(int64_t i) const { return a.row(i); }
+  bool whole() const { return a.gsz == a.K; }
+  void load_row(int64_t i) { row_params(a, i, cvt_codes(B) ? 0.f : static_cast<float>(1 << B), alpha.data(), zterm.data()); }
+  void group_start(int64_t, int64_t) {}
+  const float* scales() const { return alpha.data(); }
+  template <int K_>
+  BN_INLINE __m256 decode(__m256i dw) const {
+    if constexpr (cvt_codes(B)) return sp.template code_cvt<K_>(dw);
+    else return sp.template code<K_>(dw);
+  }
+  float finish(int64_t m, float y, const float* S) const {
+    const int64_t G = a.groups();
+    return (whole() ? alpha[0] * y : y) - dot_f32(zterm.data(), S + m * G, G);
+  }
+};
+
+template <int B_>
+struct CodebookDec {  // ŵ = s · T[q]: vpermps looks up 8 entries; 16-entry tables take two and a blend on bit 3
+  static constexpr int B = B_;
+  using SP = Spread<B>;
+  const Codebook& c;
+  const SP sp;
+  __m256 T0, T1;
+  std::vector<float> s;
+  explicit CodebookDec(const Codebook& c_) : c(c_), sp(c_.qw + c_.N * c_.row_bytes), s(c_.K / c_.gsz + 16, 1.f) {}
+  int64_t K() const { return c.K; }
+  int64_t N() const { return c.N; }
+  int64_t gsz() const { return c.gsz; }
+  const uint8_t* row(int64_t i) const { return c.qw + i * c.row_bytes; }
+  bool whole() const { return c.scale == nullptr && c.tgrp == 0; }
+  void load_table(int64_t i, int64_t g) {
+    alignas(32) float t[16];
+    float e[16];
+    c.table_at(i, g, e);
+    for (int l = 0; l < 16; ++l) t[l] = e[l % (1 << B)];
+    T0 = _mm256_load_ps(t);
+    T1 = _mm256_load_ps(t + 8);
+  }
+  void load_row(int64_t i) {
+    if (c.tgrp == 0) load_table(i, 0);
+    if (c.scale)
+      for (int64_t g = 0; g < c.K / c.gsz; ++g) s[g] = c.scale_at(i, g);
+  }
+  void group_start(int64_t i, int64_t g) {
+    if (c.tgrp != 0) load_table(i, g);
+  }
+  const float* scales() const { return s.data(); }
+  template <int K_>
+  BN_INLINE __m256 decode(__m256i dw) const {
+    constexpr int sh = K_ * B;
+    const __m256i idx = sh ? _mm256_srli_epi32(dw, sh) : dw;  // vpermps reads the low 3 bits
+    if constexpr (B <= 3) {
+      return _mm256_permutevar8x32_ps(T0, idx);
+    } else {
+      const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(dw, 28 - sh));  // bit 3 of the code -> sign bit
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(T0, idx), _mm256_permutevar8x32_ps(T1, idx), sel);
+    }
+  }
+  float finish(int64_t, float y, const float*) const { return y; }
+};
+
+template <class D, int MB, int NU, int K_>
+BN_INLINE void spread_block(const D& d, __m256i dw, const float* xb, __m256 (&acc)[MB][NU]) {
+  const __m256 w = d.template decode<K_>(dw);
+  for (int m = 0; m < MB; ++m)
+    acc[m][K_ % NU] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * D::SP::E + 8 * K_), acc[m][K_ % NU]);
+  if constexpr (K_ + 1 < D::SP::STEPS) spread_block<D, MB, NU, K_ + 1>(d, dw, xb, acc);
+}
+
+template <int NU>
+BN_INLINE __m256 sum_vectors(const __m256 (&v)[NU]) {
+  __m256 s = v[0];
+  for (int u = 1; u < NU; ++u) s = _mm256_add_ps(s, v[u]);
+  return s;
+}
+
+template <class D>
+struct SpreadKernel {
+  using SP = typename D::SP;
+  D& d;
+  const int64_t nblocks, bpg, gpb;  // blocks per group (groups ≥ a block), groups per block (smaller groups)
+  const bool whole;
+  __m256i lane_idx;
+  explicit SpreadKernel(D& d_)
+      : d(d_), nblocks(d_.K() / SP::E), bpg(d_.gsz() % SP::E == 0 ? d_.gsz() / SP::E : 1),
+        gpb(d_.gsz() % SP::E == 0 ? 0 : SP::E / d_.gsz()), whole(d_.whole()) {
+    alignas(32) int32_t lane_group[8];  // lane d's group relative to its block's first group
+    for (int l = 0; l < 8; ++l) lane_group[l] = static_cast<int32_t>((l * SP::ND) / d.gsz());
+    lane_idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_group));
+  }
+  int64_t unit() const { return whole || gpb ? SP::E : d.gsz(); }
+  // Y[m, i] += Σ over blocks [blk0, blk1) of weight row i · x rows m0..m0+MB, folded per group unless whole;
+  // STEP > 0: blocks per group known at compile time (see the AVX-512 kernel)
+  template <int MB, int NU, bool PER_BLOCK, int STEP = 0>
+  void run(int64_t i, const float* XP, int64_t M, float* Y, int64_t m0, int64_t blk0, int64_t blk1) {
+    const int64_t step = STEP > 0 ? STEP : (whole ? blk1 - blk0 : bpg), xstride = M * SP::E;
+    const uint8_t* row = d.row(i);
+    const float* Xm = XP + m0 * SP::E;
+    __m256 tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
+    int64_t g = PER_BLOCK ? blk0 * gpb : blk0 / bpg;
+    for (int64_t b0 = blk0; b0 < blk1; b0 += step) {
+      if (!whole && !PER_BLOCK) d.group_start(i, g);
+      __m256 acc[MB][NU];
+      for (int m = 0; m < MB; ++m)
+        for (int u = 0; u < NU; ++u) acc[m][u] = _mm256_setzero_ps();
+      for (int64_t blk = b0; blk < b0 + step; ++blk) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + BN_PFD), BN_PFH);
+        spread_block<D, MB, NU, 0>(d, d.sp.block(row + blk * SP::BYTES), Xm + blk * xstride, acc);
+      }
+      if (whole) {
+        for (int m = 0; m < MB; ++m) tot[m] = _mm256_add_ps(tot[m], sum_vectors<NU>(acc[m]));
+      } else {
+        const __m256 vs = PER_BLOCK ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(d.scales() + g), lane_idx)
+                                    : _mm256_set1_ps(d.scales()[g]);
+        g += PER_BLOCK ? gpb : 1;
+        for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(vs, sum_vectors<NU>(acc[m]), tot[m]);
+      }
+    }
+    for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += hsum(tot[m]);
+  }
+  template <int MB, int NU, bool PER_BLOCK>
+  BN_INLINE void go(int64_t i, const float* XP, int64_t M, float* Y, int64_t m0, int64_t blk0, int64_t blk1) {
+    if (!whole && (PER_BLOCK || bpg == 1)) run<MB, NU, PER_BLOCK, 1>(i, XP, M, Y, m0, blk0, blk1);
+    else if (!whole && bpg == 2) run<MB, NU, PER_BLOCK, 2>(i, XP, M, Y, m0, blk0, blk1);
+    else run<MB, NU, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+  }
+};
+
+// Rows [i0, i1): K-segments that stay in L1, activation rows in passes of 4, 2, 1 (see spread_rows above)
+template <class D, bool PER_BLOCK>
+void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+#ifndef BN_AVX2_NU
+#define BN_AVX2_NU 4
+#endif
+  constexpr int ST = D::SP::STEPS, N1 = ST >= BN_AVX2_NU ? BN_AVX2_NU : ST;
+  SpreadKernel<D> kr(d);
+  const int64_t E = D::SP::E, unit = kr.unit(), N = d.N();
+  const int64_t seg = M == 1 ? d.K() : std::max<int64_t>(unit, (6144 / M) / unit * unit);
+  const bool short_groups = !kr.whole && kr.bpg < 4;
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t m = 0; m < M; ++m) Y[m * N + i] = 0.f;
+  if (M == 1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      d.load_row(i);
+      if (short_groups) kr.template go<1, 2, PER_BLOCK>(i, XP, M, Y, 0, 0, kr.nblocks);
+      else kr.template go<1, N1, PER_BLOCK>(i, XP, M, Y, 0, 0, kr.nblocks);
+      Y[i] = d.finish(0, Y[i], S);
+    }
+    return;
+  }
+  for (int64_t k0 = 0; k0 < d.K(); k0 += seg) {
+    const int64_t blk0 = k0 / E, blk1 = std::min(d.K(), k0 + seg) / E;
+    for (int64_t i = i0; i < i1; ++i) {
+      d.load_row(i);
+      int64_t m0 = 0;
+#ifndef BN_AVX2_MB8
+#define BN_AVX2_MB8 1
+#endif
+      if (BN_AVX2_MB8) for (; m0 + 8 <= M; m0 += 8) kr.template go<8, 1, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+      for (; m0 + 4 <= M; m0 += 4) kr.template go<4, 1, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+      if (m0 + 2 <= M) { kr.template go<2, 2, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1); m0 += 2; }
+      if (m0 < M) kr.template go<1, 2, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+    }
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    d.load_row(i);
+    for (int64_t m = 0; m < M; ++m) Y[m * N + i] = d.finish(m, Y[m * N + i], S);
+  }
+}
+
+template <class D>
+void spread_dispatch(D& d, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  if (d.gsz() % D::SP::E == 0) spread_rows<D, false>(d, XP, M, S, Y, i0, i1);
+  else spread_rows<D, true>(d, XP, M, S, Y, i0, i1);
+}
+
+template <int B>
+bool fits(int64_t K, int64_t gsz, bool tables_per_group) {
+  constexpr int E = Spread<B>::E, ND = Spread<B>::ND;
+  return K % E == 0 && (gsz % E == 0 || (!tables_per_group && E % gsz == 0 && gsz % ND == 0));
+}
+
+bool affine_ok(const Affine& a) {
+  switch (a.b) {
+    case 1: return fits<1>(a.K, a.gsz, false);
+    case 2: return fits<2>(a.K, a.gsz, false);
+    case 3: return fits<3>(a.K, a.gsz, false);
+    case 4: return fits<4>(a.K, a.gsz, false);
+    case 6: return fits<6>(a.K, a.gsz, false);
+    case 8: return fits<8>(a.K, a.gsz, false);
+    default: return false;
+  }
+}
+
+void affine_spread(const Affine& a, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  auto go = [&](auto dec) { spread_dispatch(dec, XP, M, S, Y, i0, i1); };
+  switch (a.b) {
+    case 1: go(AffineDec<1>(a)); break;
+    case 2: go(AffineDec<2>(a)); break;
+    case 3: go(AffineDec<3>(a)); break;
+    case 4: go(AffineDec<4>(a)); break;
+    case 6: go(AffineDec<6>(a)); break;
+    default: go(AffineDec<8>(a)); break;
+  }
+}
+
+bool codebook_ok(const Codebook& c) {
+  const bool tpg = c.tgrp != 0;
+  switch (c.b) {
+    case 1: return fits<1>(c.K, c.gsz, tpg);
+    case 2: return fits<2>(c.K, c.gsz, tpg);
+    case 3: return fits<3>(c.K, c.gsz, tpg);
+    case 4: return fits<4>(c.K, c.gsz, tpg);
+    default: return false;
+  }
+}
+
+void codebook_spread(const Codebook& c, const float* XP, int64_t M, float* Y, int64_t i0, int64_t i1) {
+  auto go = [&](auto dec) { spread_dispatch(dec, XP, M, nullptr, Y, i0, i1); };
+  switch (c.b) {
+    case 1: go(CodebookDec<1>(c)); break;
+    case 2: go(CodebookDec<2>(c)); break;
+    case 3: go(CodebookDec<3>(c)); break;
+    default: go(CodebookDec<4>(c)); break;
+  }
+}
+
+// 8 b-bit codes (b bytes of the stream, natural order) -> 8 int32: one byte shuffle puts the two bytes code e
+// can touch into dword e, a variable shift and a mask cut it out. For dequantization (prefill tiles).
+struct Codes8 {
+  __m256i shuf, shifts, mask;
+  int b;
+  const uint8_t* end;
+  Codes8(int bits, const uint8_t* buffer_end) : b(bits), end(buffer_end) {
+    alignas(32) uint8_t p[32];
+    alignas(32) int32_t s[8];
+    for (int e = 0; e < 8; ++e) {
+      const int byte = e * b / 8;
+      s[e] = e * b % 8;
+      for (int lane = 0; lane < 2; ++lane) {
+        uint8_t* q = p + 16 * lane + 4 * (e % 4);
+        if (e / 4 != lane) continue;
+        q[0] = static_cast<uint8_t>(byte);
+        q[1] = byte + 1 < 8 ? static_cast<uint8_t>(byte + 1) : 0x80;
+        q[2] = q[3] = 0x80;
+      }
+    }
+    shuf = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));
+    shifts = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
+    mask = _mm256_set1_epi32((1 << b) - 1);
+  }
+  BN_INLINE __m256i operator()(const uint8_t* src) const {
+    uint64_t u = 0;
+    std::memcpy(&u, src, src + 8 <= end ? 8 : static_cast<size_t>(end - src));
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(static_cast<int64_t>(u)), shuf);
+    return _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
+  }
+};
+
+template <typename T>
+BN_INLINE void store8(T* dst, __m256 v) {
+  if constexpr (std::is_same<T, float>::value) {
+    _mm256_storeu_ps(dst, v);
+  } else if constexpr (std::is_same<T, at::Half>::value) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {  // bf16, round to nearest even (as torch's .to(bfloat16) for finite values)
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)))), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+}
+
+}  // namespace avx2
+#endif
+
 void extra_precision(const Affine& a, const float* X, int64_t M, float* Y, int64_t i0, int64_t i1) {
   if (!a.ep_rowptr) return;
   for (int64_t i = i0; i < i1; ++i)
@@ -828,8 +1231,15 @@ Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xb
   if (pair) XP = spread_x_pair(reinterpret_cast<const uint16_t*>(xbf.data_ptr<at::BFloat16>()), M, K, spread_nd(a.b));
 #endif
   if (sw && !pair) XP = spread_x(X, M, K, spread_nd(a.b));
+#elif BITNEST_AVX2
+  const bool sw = simd && avx2::affine_ok(a);
+  const std::vector<float> XP = sw ? avx2::spread_x(X, M, K, avx2::nd(a.b), a.b) : std::vector<float>();
 #endif
   parallel_rows(0, a.N, min_rows(K * M), [&](int64_t i0, int64_t i1) {
+#if BITNEST_AVX2
+    if (sw) avx2::affine_spread(a, XP.data(), M, S.data(), Y, i0, i1);
+    else
+#endif
 #if BITNEST_AVX512
 #if BN_PAIR
     if (pair) affine_spread_pair(a, XP.data(), M, S.data(), Y, i0, i1);
@@ -915,6 +1325,9 @@ void affine_dequant_rows(const Affine& a, T* out, int64_t i0, int64_t i1, bool s
   const bool vec = simd && a.simd_ok();
   const Codes64 cv(a.b, a.end());
   std::vector<float> alpha(G + 16), zterm(G + 16);
+#elif BITNEST_AVX2
+  const bool vec = simd && K % 8 == 0 && gsz % 8 == 0;
+  const avx2::Codes8 cv(a.b, a.end());
 #endif
   for (int64_t i = i0; i < i1; ++i) {
     const uint8_t* row = a.row(i);
@@ -933,6 +1346,16 @@ void affine_dequant_rows(const Affine& a, T* out, int64_t i0, int64_t i1, bool s
           const int64_t g = (c * 64 + 16 * v) / gsz;
           const __m512 q = _mm512_sub_ps(_mm512_sub_ps(w[v], vo), _mm512_set1_ps(zterm[g]));
           store16<T>(o + c * 64 + 16 * v, _mm512_mul_ps(q, _mm512_set1_ps(alpha[g])));
+        }
+      }
+    } else
+#elif BITNEST_AVX2
+    if (vec) {  // ŵ = α'(q − z'): the reference's float operations exactly
+      for (int64_t g = 0; g < G; ++g) {
+        const __m256 al = _mm256_set1_ps(a.alpha(i, g)), zp = _mm256_set1_ps(a.zprime(i, g));
+        for (int64_t j = g * gsz; j < (g + 1) * gsz; j += 8) {
+          const __m256 q = _mm256_cvtepi32_ps(cv(row + j / 8 * a.b));
+          avx2::store8<T>(o + j, _mm256_mul_ps(_mm256_sub_ps(q, zp), al));
         }
       }
     } else
@@ -993,6 +1416,15 @@ Tensor sign_dequant(const Tensor& qweight, int64_t K, int64_t row0, int64_t row1
             store16<T>(o + j, _mm512_mask_blend_ps(static_cast<__mmask16>(bits), pos, neg));
           }
         }
+#elif BITNEST_AVX2
+        if (simd) {
+          const __m256 pos = _mm256_set1_ps(1.f), neg = _mm256_set1_ps(-1.f);
+          const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+          for (; j + 8 <= K; j += 8) {
+            const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[j / 8]), sel), sel);
+            avx2::store8<T>(o + j, _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(set)));
+          }
+        }
 #endif
         for (; j < K; ++j) o[j] = static_cast<T>(((row[j >> 3] >> (j & 7)) & 1) ? -1.f : 1.f);
       }
@@ -1023,6 +1455,12 @@ Tensor codebook_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int
   if (simd && codebook_spread_ok(c)) {  // b ≤ 4: tables in a register, no shuffle but the look-up itself
     const std::vector<float> XP = spread_x(X, M, K, spread_nd(c.b));
     parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) { codebook_spread(c, XP.data(), M, Y, i0, i1); });
+    return y;
+  }
+#elif BITNEST_AVX2
+  if (simd && avx2::codebook_ok(c)) {
+    const std::vector<float> XP = avx2::spread_x(X, M, K, avx2::nd(c.b));
+    parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) { avx2::codebook_spread(c, XP.data(), M, Y, i0, i1); });
     return y;
   }
 #endif
@@ -1172,6 +1610,23 @@ Tensor int8_linear(const Tensor& xq, const Tensor& wq, bool simd) {
         continue;
       }
 #endif
+#if BITNEST_AVX2
+      if (simd && K % 16 == 0) {  // int8 -> int16, vpmaddwd: pairs of products summed exactly in int32
+        for (int64_t m = 0; m < M; ++m) {
+          const int8_t* xm = X + m * K;
+          __m256i s0 = _mm256_setzero_si256();
+          for (int64_t k0 = 0; k0 < K; k0 += 16) {
+            const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xm + k0)));
+            const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k0)));
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(xv, wv));
+          }
+          const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s0), _mm256_extracti128_si256(s0, 1));
+          const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+          A[m * N + i] = _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xB1)));
+        }
+        continue;
+      }
+#endif
       for (int64_t m = 0; m < M; ++m) {
         int32_t s = 0;
         const int8_t* xm = X + m * K;
@@ -1252,6 +1707,8 @@ Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool c
 }
 
 bool has_avx512() { return BITNEST_AVX512; }
+// The vector path this build uses: "avx512", "avx2" or "portable"
+std::string isa() { return BITNEST_AVX512 ? "avx512" : BITNEST_AVX2 ? "avx2" : "portable"; }
 
 // Reads every byte of `buf` once (vector loads, all threads; the hardware prefetchers alone: software prefetch
 // slows a pure stream here); returns a checksum so the reads cannot be optimized away. bench/speed.py times it:
@@ -1267,6 +1724,15 @@ int64_t stream_read(const Tensor& buf) {
     __m512i acc = _mm512_setzero_si512();
     for (int64_t b = b0; b < b1; ++b) acc = _mm512_xor_si512(acc, _mm512_loadu_si512(p + b * 64));
     s = _mm512_reduce_add_epi64(acc);
+#elif BITNEST_AVX2
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b1; ++b) {
+      acc = _mm256_xor_si256(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * 64)));
+      acc = _mm256_xor_si256(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + b * 64 + 32)));
+    }
+    alignas(32) int64_t t[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc);
+    s = t[0] ^ t[1] ^ t[2] ^ t[3];
 #else
     for (int64_t b = b0 * 64; b < b1 * 64; b += 8) { int64_t v; std::memcpy(&v, p + b, 8); s ^= v; }
 #endif
@@ -1288,5 +1754,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_requantize", &int8_requantize);
   m.def("slice_pack", &slice_pack);
   m.def("has_avx512", &has_avx512);
+  m.def("isa", &isa);
   m.def("stream_read", &stream_read);
 }
