@@ -21,6 +21,10 @@ serving dtype). Peak RSS after loading is compared with the bytes the model hold
 unquantized tensors); growth = RSS after loading − RSS before it (torch and transformers alone take ≈ 0.4 GB).
 The run-time switch: a nested int8 checkpoint loaded once, switched 8 → 4 → 2 → 8 in memory, timed, its decode
 speed after each switch beside the standalone int-r model's, the bytes read from files during the switches.
+
+The report names the kernels' vector path (`bitnest.kernels.cpu.isa()`); a machine without AVX-512 writes its
+own section ("speed-avx2") and JSON file (speed_avx2.json), so the AVX-512 and AVX2 measurements stand side by
+side rather than replacing each other.
 """
 from __future__ import annotations
 
@@ -650,13 +654,23 @@ def checks(layer_rows: list[dict], e2e_rows: list[dict]) -> list[tuple[str, bool
     return out
 
 
+def isa_tag() -> str:
+    """'' on AVX-512 machines (the section and JSON file measured first), '_avx2' etc. elsewhere: a run on a CPU
+    with another kernel path gets its own BENCHMARKS.md section and JSON file instead of replacing the other's."""
+    from bitnest.kernels import cpu
+    return "" if cpu.isa() == "avx512" else f"_{cpu.isa()}"
+
+
 def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
     env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY"))
-    lines = [header("Speed: packed layers and whole models", f"Threads: {torch.get_num_threads()} ({env}); run time {seconds / 60:.1f} min."
+    title = "Speed: packed layers and whole models" + (f" ({isa_tag()[1:].upper()} CPU)" if isa_tag() else "")
+    lines = [header(title, f"Threads: {torch.get_num_threads()} ({env}); run time {seconds / 60:.1f} min."
                     "\n\nWhat is measured and how: see `bench/speed.py`'s docstring. Speed-ups are ratios measured "
                     "side by side in this run (medians over interleaved, shuffled repeats of back-to-back bursts; "
                     "cold weights at batch 1 and 16).")]
-    lines.append(f"Machine read bandwidth (C++ streaming read of 1 GiB, both cores): **{bandwidth:.1f} GB/s**.\n")
+    from bitnest.kernels import cpu
+    lines.append(f"Machine read bandwidth (C++ streaming read of 1 GiB, both cores): **{bandwidth:.1f} GB/s**. "
+                 f"bitnest's CPU kernels ran their **{cpu.isa()}** path.\n")
     if layer_rows:
         for shape in dict.fromkeys(r["shape"] for r in layer_rows):
             for batch in BATCHES:
@@ -726,21 +740,23 @@ def main():
     if not args.layers_only:
         models = ["ref-10m"] if args.quick else ["ref-10m", "tinyllama-1.1b-shape"]
         e2e_rows = e2e_bench(models, decode=128, prefill=512, rounds=1 if args.quick else 2)
-    elif (RESULTS / "speed.json").exists() and not args.quick:
+    elif (RESULTS / f"speed{isa_tag()}.json").exists() and not args.quick:
         # a layers-only run keeps the end-to-end rows of the last full run (their ratios were measured side by
         # side in that run); the report says which run each table comes from
-        e2e_rows = [r for r in json.loads((RESULTS / "speed.json").read_text()) if r.get("kind") == "e2e"]
+        e2e_rows = [r for r in json.loads((RESULTS / f"speed{isa_tag()}.json").read_text()) if r.get("kind") == "e2e"]
         if e2e_rows:
-            kept = time.strftime("%Y-%m-%d %H:%M", time.localtime((RESULTS / "speed.json").stat().st_mtime))
+            kept = time.strftime("%Y-%m-%d %H:%M", time.localtime((RESULTS / f"speed{isa_tag()}.json").stat().st_mtime))
     text, res = write_report(bw, layer_rows, e2e_rows, notes, time.time() - t0, args.quick)
     if kept:
         text = text.replace("### End to end", f"End-to-end tables: kept from the full run of {kept} (same "
                             "command); this run was `--layers-only`.\n\n### End to end", 1)
     print("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}: {w} — {d}" for w, ok, d in res))
     if not (args.quick or args.no_write):
-        write_json("speed.json", [dict(r, machine_bandwidth_gbs=bw) for r in layer_rows + e2e_rows])
-        write_section("speed", text)
-        print(f"wrote BENCHMARKS.md (speed) and {RESULTS / 'speed.json'}")
+        tag = isa_tag()
+        write_json(f"speed{tag}.json", [dict(r, machine_bandwidth_gbs=bw, kernels=tag[1:] or "avx512")
+                                        for r in layer_rows + e2e_rows])
+        write_section(f"speed{tag.replace('_', '-')}", text)
+        print(f"wrote BENCHMARKS.md (speed{tag.replace('_', '-')}) and {RESULTS / f'speed{tag}.json'}")
 
 
 if __name__ == "__main__":
