@@ -121,9 +121,21 @@ def _rows2d(x: torch.Tensor, n_in: int) -> torch.Tensor:
     return x.reshape(-1, n_in)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX). Without it oneDNN's bf16 GEMM is emulated:
+    measured on an AVX2 Zen VM, a 512×4096·4096×4096 bf16 matmul took 842 ms against fp32's 165 ms."""
+    if "bf16" not in _state:
+        try:
+            _state["bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _state["bf16"] = any(f in _cpu_flags().split() for f in ("avx512_bf16", "amx_bf16"))
+    return _state["bf16"]
+
+
 def _mm_dtype(x: torch.Tensor) -> torch.dtype:
-    """The GEMM dtype of the tiled path: bf16 and fp32 as given; fp16/others in fp32 (no fast CPU fp16 GEMM)."""
-    return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    """The GEMM dtype of the tiled path: fp32, and bf16 where the CPU multiplies bf16 natively; anything else
+    (fp16, bf16 without native support) in fp32 — more exact, and several times faster there."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 and native_bf16() else torch.float32
 
 
 def tiled_mm(x2: torch.Tensor, n_out: int, tile_fn, dtype: torch.dtype) -> torch.Tensor:
