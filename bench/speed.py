@@ -721,6 +721,8 @@ def main():
     ap.add_argument("--e2e-only", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--shapes", help="comma-separated out×in layer shapes, e.g. 4096x4096 (default: all three); "
+                    "on a slow machine one shape keeps the run within an hour")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -734,6 +736,12 @@ def main():
     layer_rows, e2e_rows, notes = [], [], []
     if not args.e2e_only:
         shapes = SHAPES[:1] if args.quick else SHAPES
+        if args.shapes:
+            try:
+                shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+                assert all(len(s) == 2 and min(s) > 0 for s in shapes)
+            except (ValueError, AssertionError):
+                ap.error(f"--shapes: expected out×in pairs like 4096x4096, got {args.shapes!r}")
         reps = {1: (5, 4), 16: (3, 4), 512: (3, 1)} if args.quick else {1: (14, 4), 16: (7, 4), 512: (5, 1)}  # (repeats, burst)
         layer_rows, notes = layer_bench(shapes, BATCHES, reps, bw)
     kept = ""
