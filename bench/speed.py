@@ -663,12 +663,13 @@ def isa_tag() -> str:
 
 def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
     env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY"))
-    title = "Speed: packed layers and whole models" + (f" ({isa_tag()[1:].upper()} CPU)" if isa_tag() else "")
+    from bitnest.kernels import cpu
+    tag = isa_tag()
+    title = "Speed: packed layers and whole models" + (f" ({tag[1:].upper()} CPU)" if tag else "")
     lines = [header(title, f"Threads: {torch.get_num_threads()} ({env}); run time {seconds / 60:.1f} min."
                     "\n\nWhat is measured and how: see `bench/speed.py`'s docstring. Speed-ups are ratios measured "
                     "side by side in this run (medians over interleaved, shuffled repeats of back-to-back bursts; "
                     "cold weights at batch 1 and 16).")]
-    from bitnest.kernels import cpu
     lines.append(f"Machine read bandwidth (C++ streaming read of 1 GiB, both cores): **{bandwidth:.1f} GB/s**. "
                  f"bitnest's CPU kernels ran their **{cpu.isa()}** path.\n")
     if layer_rows:
@@ -739,32 +740,34 @@ def main():
         if args.shapes:
             try:
                 shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
-                assert all(len(s) == 2 and min(s) > 0 for s in shapes)
-            except (ValueError, AssertionError):
+            except ValueError:
+                shapes = []
+            if not shapes or not all(len(s) == 2 and min(s) > 0 for s in shapes):
                 ap.error(f"--shapes: expected out×in pairs like 4096x4096, got {args.shapes!r}")
         reps = {1: (5, 4), 16: (3, 4), 512: (3, 1)} if args.quick else {1: (14, 4), 16: (7, 4), 512: (5, 1)}  # (repeats, burst)
         layer_rows, notes = layer_bench(shapes, BATCHES, reps, bw)
-    kept = ""
+    kept, tag = "", isa_tag()
+    out_json = RESULTS / f"speed{tag}.json"
     if not args.layers_only:
         models = ["ref-10m"] if args.quick else ["ref-10m", "tinyllama-1.1b-shape"]
         e2e_rows = e2e_bench(models, decode=128, prefill=512, rounds=1 if args.quick else 2)
-    elif (RESULTS / f"speed{isa_tag()}.json").exists() and not args.quick:
+    elif out_json.exists() and not args.quick:
         # a layers-only run keeps the end-to-end rows of the last full run (their ratios were measured side by
         # side in that run); the report says which run each table comes from
-        e2e_rows = [r for r in json.loads((RESULTS / f"speed{isa_tag()}.json").read_text()) if r.get("kind") == "e2e"]
+        e2e_rows = [r for r in json.loads(out_json.read_text()) if r.get("kind") == "e2e"]
         if e2e_rows:
-            kept = time.strftime("%Y-%m-%d %H:%M", time.localtime((RESULTS / f"speed{isa_tag()}.json").stat().st_mtime))
+            kept = time.strftime("%Y-%m-%d %H:%M", time.localtime(out_json.stat().st_mtime))
     text, res = write_report(bw, layer_rows, e2e_rows, notes, time.time() - t0, args.quick)
     if kept:
         text = text.replace("### End to end", f"End-to-end tables: kept from the full run of {kept} (same "
                             "command); this run was `--layers-only`.\n\n### End to end", 1)
     print("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}: {w} — {d}" for w, ok, d in res))
     if not (args.quick or args.no_write):
-        tag = isa_tag()
-        write_json(f"speed{tag}.json", [dict(r, machine_bandwidth_gbs=bw, kernels=tag[1:] or "avx512")
-                                        for r in layer_rows + e2e_rows])
-        write_section(f"speed{tag.replace('_', '-')}", text)
-        print(f"wrote BENCHMARKS.md (speed{tag.replace('_', '-')}) and {RESULTS / f'speed{tag}.json'}")
+        section = f"speed{tag.replace('_', '-')}"
+        write_json(out_json.name, [dict(r, machine_bandwidth_gbs=bw, kernels=tag[1:] or "avx512")
+                                   for r in layer_rows + e2e_rows])
+        write_section(section, text)
+        print(f"wrote BENCHMARKS.md ({section}) and {out_json}")
 
 
 if __name__ == "__main__":
