@@ -684,7 +684,8 @@ def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
                     cols.append(("roofline_fraction", "of roofline (bytes read ÷ bandwidth)", ".2f"))
                 for r in rows:
                     r["mib"] = r["weight_bytes"] / 2**20
-                lines.append(f"### Layer {shape} (out × in), batch {batch}\n\n{fmt_table(rows, cols)}\n")
+                kept = f" — kept from the run of {rows[0]['kept_from']}" if rows[0].get("kept_from") else ""
+                lines.append(f"### Layer {shape} (out × in), batch {batch}{kept}\n\n{fmt_table(rows, cols)}\n")
                 for r in rows:
                     r.pop("mib")
     if notes:
@@ -748,6 +749,18 @@ def main():
         layer_rows, notes = layer_bench(shapes, BATCHES, reps, bw)
     kept, tag = "", isa_tag()
     out_json = RESULTS / f"speed{tag}.json"
+    if args.shapes and not args.e2e_only and out_json.exists() and not args.quick:
+        # a run of some shapes keeps the others' tables from the run that measured them, each table saying so
+        stamp = time.strftime("%Y-%m-%d", time.localtime(out_json.stat().st_mtime))
+        done = {r["shape"] for r in layer_rows}
+        layer_rows += [dict(r, kept_from=r.get("kept_from") or f"{stamp}, {r.get('machine_bandwidth_gbs', 0):.1f} GB/s")
+                       for r in json.loads(out_json.read_text()) if r.get("kind") == "layer" and r["shape"] not in done]
+    if args.e2e_only and out_json.exists() and not args.quick:
+        # and an end-to-end-only run keeps the layer rows of the last run, with the same note in the report
+        layer_rows = [r for r in json.loads(out_json.read_text()) if r.get("kind") == "layer"]
+        kept_layers = time.strftime("%Y-%m-%d %H:%M", time.localtime(out_json.stat().st_mtime)) if layer_rows else ""
+    else:
+        kept_layers = ""
     if not args.layers_only:
         models = ["ref-10m"] if args.quick else ["ref-10m", "tinyllama-1.1b-shape"]
         e2e_rows = e2e_bench(models, decode=128, prefill=512, rounds=1 if args.quick else 2)
@@ -757,14 +770,18 @@ def main():
         e2e_rows = [r for r in json.loads(out_json.read_text()) if r.get("kind") == "e2e"]
         if e2e_rows:
             kept = time.strftime("%Y-%m-%d %H:%M", time.localtime(out_json.stat().st_mtime))
-    text, res = write_report(bw, layer_rows, e2e_rows, notes, time.time() - t0, args.quick)
+    bw_layers = layer_rows[0].get("machine_bandwidth_gbs", bw) if kept_layers else bw  # what their roofs used
+    text, res = write_report(bw_layers, layer_rows, e2e_rows, notes, time.time() - t0, args.quick)
     if kept:
         text = text.replace("### End to end", f"End-to-end tables: kept from the full run of {kept} (same "
                             "command); this run was `--layers-only`.\n\n### End to end", 1)
+    if kept_layers:
+        text = text.replace("### Layer", f"Layer tables and the machine bandwidth above them: kept from the run of "
+                            f"{kept_layers}; this run was `--e2e-only` (its bandwidth: {bw:.1f} GB/s).\n\n### Layer", 1)
     print("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}: {w} — {d}" for w, ok, d in res))
     if not (args.quick or args.no_write):
         section = f"speed{tag.replace('_', '-')}"
-        write_json(out_json.name, [dict(r, machine_bandwidth_gbs=bw, kernels=tag[1:] or "avx512")
+        write_json(out_json.name, [{"machine_bandwidth_gbs": bw, "kernels": tag[1:] or "avx512", **r}  # kept rows keep theirs
                                    for r in layer_rows + e2e_rows])
         write_section(section, text)
         print(f"wrote BENCHMARKS.md ({section}) and {out_json}")

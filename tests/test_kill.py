@@ -107,10 +107,12 @@ def test_kill_quantize_stream_gptq(tiny_llama_dir, shared, tmp_path):
            "g", "dir", seed=2)
 
 
+@pytest.mark.slow  # ~30 s each: kill-and-rerun of slice and export also run in CI's slow pass (.ci/run)
 def test_kill_slice(sliced, tmp_path):
     _check(tmp_path, ["slice", "--model", str(sliced), "--bits", "2", "--out", "@OUT"], "s2", "dir", seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("to,name,kind", [("gguf", "m.gguf", "gguf"), ("gptq", "x", "dir")])
 def test_kill_export(sliced, tmp_path, to, name, kind):
     _check(tmp_path, ["export", "--model", str(sliced), "--to", to, "--bits", "4", "--approximate", "--out", "@OUT"],

@@ -316,6 +316,7 @@ print(json.dumps({'base': base, 'peak': max(peak[0], status('RssAnon'))}))
 """
 
 
+@pytest.mark.slow  # ~35 s: two subprocesses over a 0.5 GB synthetic checkpoint (CI's slow pass runs it)
 def test_peak_memory_is_one_block_not_the_model(tmp_path):
     """8 layers of hidden 1024 (the in-memory path holds 8 blocks + embeddings in float32, ≈ 0.5 GB): the
     streaming run's peak RSS grows by at most one block in float32 plus a fixed overhead (GPTQ: plus one block's

@@ -53,7 +53,7 @@
 #define BN_NUS 2
 #endif
 #ifndef BN_PFH
-#define BN_PFH _MM_HINT_T0
+#define BN_PFH _MM_HINT_T1  // into L2, not L1: Zen 4 (EPYC, 4096², batch 1, cold) int8 945 → 568 µs, int4 bf16 466 → 289
 #endif
 #ifndef BN_PFD
 #define BN_PFD 8192  // bytes ahead: 2 int8 rows of 4096; measured 2048 → 8192: int8 4096² cold 525 → 409 µs, others ±3 %
@@ -604,6 +604,24 @@ BN_INLINE void spread_block(const D& d, __m512i dw, const float* xb, __m512 (&ac
   if constexpr (K_ + 1 < D::SP::STEPS) spread_block<D, MB, NU, K_ + 1>(d, dw, xb, acc);
 }
 
+// GU blocks at once (consecutive groups of one weight row), code K_ of each in turn: GU independent FMA chains.
+// One accumulator per group leaves a chain of ND dependent FMAs per block, longer than the block's decode work;
+// interleaving two groups hides it (int4 g128 4096², batch 1: see BN_GU).
+template <class D, int MB, int NU, int GU, int K_>
+BN_INLINE void spread_blocks(const D& d, const __m512i (&dw)[GU], const float* xb, int64_t ustride,
+                             __m512 (&acc)[GU][MB][NU]) {
+  for (int u = 0; u < GU; ++u) {
+    const __m512 w = d.template decode<K_>(dw[u]);
+    for (int m = 0; m < MB; ++m)
+      acc[u][m][K_ % NU] = D::SP::template madd<K_>(w, xb + u * ustride + m * D::SP::XE, acc[u][m][K_ % NU]);
+  }
+  if constexpr (K_ + 1 < D::SP::STEPS) spread_blocks<D, MB, NU, GU, K_ + 1>(d, dw, xb, ustride, acc);
+}
+
+#ifndef BN_GU
+#define BN_GU 2
+#endif
+
 template <class D>
 struct SpreadKernel {
   using SP = typename D::SP;
@@ -624,15 +642,42 @@ struct SpreadKernel {
   // STEP > 0: the blocks per group known at compile time (1 or 2, the common grouped layouts), so the block loop
   // unrolls into the group loop — a runtime trip count left a loop entry, exit and constant reloads per group,
   // which made grouped layers compute-bound at ~2× the per-channel time.
-  template <int MB, int NU, bool PER_BLOCK, int STEP = 0>
+  template <int MB, int NU, bool PER_BLOCK, int STEP = 0, int GU = 1>
   void run(int64_t i, const float* XP, int64_t M, float* Y, int64_t m0, int64_t blk0, int64_t blk1) {
     const int64_t step = STEP > 0 ? STEP : (whole ? blk1 - blk0 : bpg), xstride = M * SP::XE;
     const uint8_t* row = d.row(i);
     const float* Xm = XP + m0 * SP::XE;
-    __m512 tot[MB];
-    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+    __m512 tot[GU][MB];
+    for (int u = 0; u < GU; ++u) for (int m = 0; m < MB; ++m) tot[u][m] = _mm512_setzero_ps();
     int64_t g = PER_BLOCK ? blk0 * gpb : blk0 / bpg;
-    for (int64_t b0 = blk0; b0 < blk1; b0 += step) {  // one group (one block when PER_BLOCK)
+    auto fold = [&](__m512 (&acc)[MB][NU], __m512 (&t)[MB]) {  // Σ of one group (one block when PER_BLOCK) into t
+      if (whole) {
+        for (int m = 0; m < MB; ++m) t[m] = _mm512_add_ps(t[m], sum_vectors(acc[m], NU));
+      } else {
+        const __m512 vs = PER_BLOCK ? _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(d.scales() + g))
+                                    : _mm512_set1_ps(d.scales()[g]);
+        g += PER_BLOCK ? gpb : 1;
+        for (int m = 0; m < MB; ++m) t[m] = _mm512_fmadd_ps(vs, sum_vectors(acc[m], NU), t[m]);
+      }
+    };
+    int64_t b0 = blk0;
+    if constexpr (GU > 1) {  // GU groups at once (STEP blocks each; their tables never change: no group_start)
+      for (; b0 + GU * STEP <= blk1; b0 += GU * STEP) {
+        __m512 acc[GU][MB][NU];
+        for (int u = 0; u < GU; ++u) for (int m = 0; m < MB; ++m) for (int v = 0; v < NU; ++v) acc[u][m][v] = _mm512_setzero_ps();
+        for (int s = 0; s < STEP; ++s) {
+          __m512i dw[GU];
+          for (int u = 0; u < GU; ++u) {
+            const int64_t blk = b0 + u * STEP + s;
+            _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + BN_PFD), BN_PFH);
+            dw[u] = d.sp.block(row + blk * SP::BYTES);
+          }
+          spread_blocks<D, MB, NU, GU, 0>(d, dw, Xm + (b0 + s) * xstride, STEP * xstride, acc);
+        }
+        for (int u = 0; u < GU; ++u) fold(acc[u], tot[u]);
+      }
+    }
+    for (; b0 < blk1; b0 += step) {  // one group (one block when PER_BLOCK)
       if (!whole && !PER_BLOCK) d.group_start(i, g);
       __m512 acc[MB][NU];
       for (int m = 0; m < MB; ++m) for (int u = 0; u < NU; ++u) acc[m][u] = _mm512_setzero_ps();
@@ -640,23 +685,26 @@ struct SpreadKernel {
         _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + BN_PFD), BN_PFH);
         spread_block<D, MB, NU, 0>(d, d.sp.block(row + blk * SP::BYTES), Xm + blk * xstride, acc);
       }
-      if (whole) {
-        for (int m = 0; m < MB; ++m) tot[m] = _mm512_add_ps(tot[m], sum_vectors(acc[m], NU));
-      } else {
-        const __m512 vs = PER_BLOCK ? _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(d.scales() + g))
-                                    : _mm512_set1_ps(d.scales()[g]);
-        g += PER_BLOCK ? gpb : 1;
-        for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(vs, sum_vectors(acc[m], NU), tot[m]);
-      }
+      fold(acc, tot[0]);
     }
-    for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(tot[m]);
+    for (int u = 1; u < GU; ++u) for (int m = 0; m < MB; ++m) tot[0][m] = _mm512_add_ps(tot[0][m], tot[u][m]);
+    for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(tot[0][m]);
   }
-  // run() with the group loop specialised for one or two blocks per group
+  // run() with the group loop specialised for one or two blocks per group; groups interleaved GU at a time where
+  // the pass holds few activation rows (registers) and the tables are fixed per row
   template <int MB, int NU, bool PER_BLOCK>
   BN_INLINE void go(int64_t i, const float* XP, int64_t M, float* Y, int64_t m0, int64_t blk0, int64_t blk1) {
-    if (!whole && (PER_BLOCK || bpg == 1)) run<MB, NU, PER_BLOCK, 1>(i, XP, M, Y, m0, blk0, blk1);
-    else if (!whole && bpg == 2) run<MB, NU, PER_BLOCK, 2>(i, XP, M, Y, m0, blk0, blk1);
-    else run<MB, NU, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+    constexpr int GU = MB <= 2 && D::B == 4 ? BN_GU : 1;  // b = 3, 2: ±5 % either way (Zen 4), so not there
+    const bool inter = GU > 1 && !d.tables_per_group();
+    if (!whole && (PER_BLOCK || bpg == 1)) {
+      if (inter) run<MB, NU, PER_BLOCK, 1, GU>(i, XP, M, Y, m0, blk0, blk1);
+      else run<MB, NU, PER_BLOCK, 1>(i, XP, M, Y, m0, blk0, blk1);
+    } else if (!whole && bpg == 2) {
+      if (inter) run<MB, NU, PER_BLOCK, 2, GU>(i, XP, M, Y, m0, blk0, blk1);
+      else run<MB, NU, PER_BLOCK, 2>(i, XP, M, Y, m0, blk0, blk1);
+    } else {
+      run<MB, NU, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+    }
   }
 };
 
@@ -1666,6 +1714,19 @@ Tensor int8_requantize(const Tensor& acc, const optional<Tensor>& bias_q, const 
 
 // ------------------------------------------------------------------------------------------ Matryoshka slicing
 
+// Eight 8-bit parent codes in one 64-bit word -> their r-bit slices packed in the low 8·ob bits (SWAR: a switch
+// of a 1B-weight model slices ≈ 1 GB of codes, and the byte-by-byte loop ran at ≈ 1 GB/s; this one is memory-bound).
+// Per byte: t = (q >> s) + bit s−1 of q ≤ 2^r (no carry into the next byte); the clamp subtracts 1 exactly where
+// t = 2^r (bit r set); then pairs, quads and halves of the word are folded together at ob, 2·ob, 4·ob bits.
+inline uint64_t slice8(uint64_t w, int s, int r, int ob, bool clamp) {
+  constexpr uint64_t ones = 0x0101010101010101ull;
+  uint64_t t = ((w >> s) & ((0xFFull >> s) * ones)) + ((w >> (s - 1)) & ones);
+  if (clamp) t -= (t >> r) & ones;
+  t = (t & 0x00FF00FF00FF00FFull) | ((t & 0xFF00FF00FF00FF00ull) >> (8 - ob));
+  t = (t & 0x0000FFFF0000FFFFull) | ((t & 0xFFFF0000FFFF0000ull) >> (16 - 2 * ob));
+  return (t & 0x00000000FFFFFFFFull) | ((t & 0xFFFFFFFF00000000ull) >> (32 - 4 * ob));
+}
+
 // c-bit codes packed at c bits (N, ⌈K·c/8⌉) -> t = min((q >> s) + ((q >> (s−1)) & 1), 2^r − 1), s = c − r,
 // packed at r bits (clamp=false: no min, t may reach 2^r, written at r + 1 bits). Same bits as
 // grids/nested.py::slice_codes followed by formats/packing.py::pack.
@@ -1683,17 +1744,26 @@ Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool c
     for (int64_t i = i0; i < i1; ++i) {
       const uint8_t* in = Q + i * rb_in;
       uint8_t* o = O + i * rb_out;
-      std::memset(o, 0, rb_out);
       int64_t j = 0;
-      if (c == 8)  // the common parent: 8 whole bytes in, 8 codes -> ob bytes out
-        for (; j + 8 <= K; j += 8) {
-          uint64_t word = 0;
-          for (int e = 0; e < 8; ++e) {
-            const uint32_t q = in[j + e];
-            word |= static_cast<uint64_t>(std::min((q >> s) + ((q >> (s - 1)) & 1u), tmax)) << (e * ob);
-          }
-          std::memcpy(o + (j / 8) * ob, &word, ob);
+      if (c == 8) {  // the common parent: 8 codes in one word -> ob bytes out; whole 8-byte stores while they fit
+        const int64_t words = K / 8, whole = rb_out < 8 ? 0 : std::min(words, (rb_out - 8) / ob + 1);  // in the row (each overwrites
+        int64_t w8 = 0;
+        for (; w8 + 8 <= whole; w8 += 8) {  // the last one's zero bytes). 8 words at a time: the compiler vectorizes
+          uint64_t t[8];                    // slice8 across them (one word at a time ran at ≈ 2 GB/s)
+          std::memcpy(t, in + 8 * w8, 64);
+          for (int e = 0; e < 8; ++e) t[e] = slice8(t[e], s, static_cast<int>(r), ob, clamp);
+          for (int e = 0; e < 8; ++e) std::memcpy(o + (w8 + e) * ob, t + e, 8);
         }
+        for (; w8 < words; ++w8) {
+          uint64_t w;
+          std::memcpy(&w, in + 8 * w8, 8);
+          w = slice8(w, s, static_cast<int>(r), ob, clamp);
+          if (w8 < whole) std::memcpy(o + w8 * ob, &w, 8);
+          else for (int e = 0; e < ob; ++e) o[w8 * ob + e] = static_cast<uint8_t>(w >> (8 * e));
+        }
+        j = 8 * words;
+      }
+      std::memset(o + (j / 8) * ob, 0, rb_out - (j / 8) * ob);  // the tail is OR-ed in below
       for (; j < K; ++j) {
         const uint32_t q = code_at(in, j, static_cast<int>(c));
         const uint32_t t = std::min((q >> s) + ((q >> (s - 1)) & 1u), tmax);
