@@ -52,6 +52,9 @@
 #ifndef BN_NUS
 #define BN_NUS 2
 #endif
+#ifndef BN_SPLIT
+#define BN_SPLIT 1
+#endif
 #ifndef BN_PFH
 #define BN_PFH _MM_HINT_T1  // into L2, not L1: Zen 4 (EPYC, 4096², batch 1, cold) int8 945 → 568 µs, int4 bf16 466 → 289
 #endif
@@ -455,14 +458,18 @@ struct Spread {
 // bf16's 8-bit significand holds for b ≤ 7), and one vdpbf16ps multiplies 32 of them with 32 bf16 activations.
 // Products of two bf16 are exact in fp32 and are summed in fp32 (denormals flushed), so the result equals the
 // fp32 kernel's on the same (bf16) activations up to summation order — with half the decode and FMA work.
-template <int B>
+// SPLIT: fp32 activations as two bf16, x ≈ hi + lo (both rounded to nearest: |x − hi − lo| ≤ 2^−18 |x|), each
+// multiplied by the same decoded pair: two vdpbf16ps per 32 weights instead of two FMAs per 16 — for sign layers,
+// whose spread decode was compute-bound, the relative error stays below fp32's tolerance (the 2^b + q ≤ 3 offset
+// amplifies it at most 3×).
+template <int B, bool SPLIT = false>
 struct SpreadPair {
   static_assert(B == 1 || B == 2 || B == 4, "pairs 16 bits apart: b = 1, 2, 4");
   static constexpr int ND = 32 / B;
   static constexpr int BYTES = 64;
   static constexpr int E = 16 * ND;
   static constexpr int STEPS = ND / 2;
-  static constexpr int XE = E / 2;  // a block's bf16 activations, counted in floats
+  static constexpr int XE = SPLIT ? E : E / 2;  // a block's bf16 activations (hi, lo when split), counted in floats
   __m512i mask, expc;
   const uint8_t* end;
   explicit SpreadPair(const uint8_t* buffer_end) : end(buffer_end) {
@@ -479,7 +486,12 @@ struct SpreadPair {
   }
   template <int P>
   static BN_INLINE __m512 madd(__m512 w, const float* xb, __m512 acc) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(w), (__m512bh)_mm512_loadu_si512(xb + 16 * P));
+    const __m512bh wb = (__m512bh)_mm512_castps_si512(w);
+    if constexpr (SPLIT) {  // hi words of step P, then its lo words
+      acc = _mm512_dpbf16_ps(acc, wb, (__m512bh)_mm512_loadu_si512(xb + 32 * P));
+      return _mm512_dpbf16_ps(acc, wb, (__m512bh)_mm512_loadu_si512(xb + 32 * P + 16));
+    }
+    return _mm512_dpbf16_ps(acc, wb, (__m512bh)_mm512_loadu_si512(xb + 16 * P));
   }
 };
 #else
@@ -518,6 +530,37 @@ std::vector<float> spread_x_pair(const uint16_t* X, int64_t M, int64_t K, int nd
           o[32 * p + 2 * d] = x[d * nd + p];
           o[32 * p + 2 * d + 1] = x[d * nd + p + nd / 2];
         }
+    }
+  return xp;
+}
+
+inline uint16_t bf16_rne(float f) {  // round to nearest even (finite inputs)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// fp32 x (M, K) -> the split pair layout: per block β, row m and step P, 16 words of hi = bf16(x) and then 16 of
+// lo = bf16(x − hi), each word pairing elements d·ND + P and d·ND + P + ND/2 as spread_x_pair does
+std::vector<float> spread_x_pair_split(const float* X, int64_t M, int64_t K, int nd) {
+  std::vector<float> xp(M * K);
+  uint16_t* o16 = reinterpret_cast<uint16_t*>(xp.data());
+  const int64_t E = 16 * nd;
+  for (int64_t b0 = 0; b0 < K / E; ++b0)
+    for (int64_t m = 0; m < M; ++m) {
+      uint16_t* o = o16 + (b0 * M + m) * 2 * E;
+      const float* x = X + m * K + b0 * E;
+      for (int p = 0; p < nd / 2; ++p)
+        for (int d = 0; d < 16; ++d)
+          for (int half = 0; half < 2; ++half) {
+            const float v = x[d * nd + p + half * (nd / 2)];
+            const uint16_t hi = bf16_rne(v);
+            const uint32_t hb = static_cast<uint32_t>(hi) << 16;
+            float hf;
+            std::memcpy(&hf, &hb, 4);
+            o[64 * p + 2 * d + half] = hi;
+            o[64 * p + 32 + 2 * d + half] = bf16_rne(v - hf);
+          }
     }
   return xp;
 }
@@ -785,6 +828,11 @@ bool affine_spread(const Affine& a, const float* XP, int64_t M, const float* S, 
 }
 
 #if BN_PAIR
+void affine_spread_split(const Affine& a, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  AffineDec<1, SpreadPair<1, true>> dec(a);  // sign layers (1-bit affine); b = 2, 4 keep fp32 FMAs (their offset
+  spread_dispatch(dec, XP, M, S, Y, i0, i1);   // amplifies the split's error up to 2^b + q ≤ 31×)
+}
+
 void affine_spread_pair(const Affine& a, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
   auto go = [&](auto dec) { spread_dispatch(dec, XP, M, S, Y, i0, i1); };
   switch (a.b) {
@@ -1264,7 +1312,7 @@ void extra_precision(const Affine& a, const float* X, int64_t M, float* Y, int64
 
 // y (M, N) fp32 for activations X (M, K) fp32, contiguous; `xbf`, when defined, the same activations in bf16
 // (they were bf16 to begin with), which the b = 1, 2, 4 kernels multiply in pairs
-Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xbf = Tensor()) {
+Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xbf = Tensor(), bool split = false) {
   const int64_t K = a.K, M = xf.size(0);
   Tensor y = at::empty({M, a.N}, xf.options());
   const float* X = xf.data_ptr<float>();
@@ -1274,11 +1322,13 @@ Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xb
 #if BITNEST_AVX512
   const bool sw = vec && affine_spread_ok(a);
   const bool pair = BN_PAIR && sw && xbf.defined() && (a.b == 1 || a.b == 2 || a.b == 4);
+  const bool spl = BN_PAIR && BN_SPLIT && sw && !pair && split && a.b == 1;
   std::vector<float> XP;
 #if BN_PAIR
   if (pair) XP = spread_x_pair(reinterpret_cast<const uint16_t*>(xbf.data_ptr<at::BFloat16>()), M, K, spread_nd(a.b));
+  if (spl) XP = spread_x_pair_split(X, M, K, spread_nd(a.b));
 #endif
-  if (sw && !pair) XP = spread_x(X, M, K, spread_nd(a.b));
+  if (sw && !pair && !spl) XP = spread_x(X, M, K, spread_nd(a.b));
 #elif BITNEST_AVX2
   const bool sw = simd && avx2::affine_ok(a);
   const std::vector<float> XP = sw ? avx2::spread_x(X, M, K, avx2::nd(a.b), a.b) : std::vector<float>();
@@ -1291,6 +1341,7 @@ Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xb
 #if BITNEST_AVX512
 #if BN_PAIR
     if (pair) affine_spread_pair(a, XP.data(), M, S.data(), Y, i0, i1);
+    else if (spl) affine_spread_split(a, XP.data(), M, S.data(), Y, i0, i1);
     else
 #endif
     if (sw) affine_spread(a, XP.data(), M, S.data(), Y, i0, i1);
@@ -1342,7 +1393,7 @@ Tensor sign_affine_linear(const Tensor& x, const Tensor& qweight, int64_t K, con
     for (int64_t m = 0; m < u.size(0); ++m)
       for (int64_t j = 0; j < K; ++j) U[m * K + j] *= Gv[j];
   }
-  Tensor y = affine_run(a, u, simd);
+  Tensor y = affine_run(a, u, simd, Tensor(), /*split=*/true);
   if (h.has_value() && h->defined()) {
     const Tensor hf = h->to(at::kFloat).contiguous();
     const float* H = hf.data_ptr<float>();
