@@ -36,6 +36,7 @@ import argparse
 import copy
 import gc
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -661,6 +662,15 @@ def isa_tag() -> str:
     return "" if cpu.isa() == "avx512" else f"_{cpu.isa()}"
 
 
+def _last_run_date(tag: str, out_json: Path) -> str:
+    """The date of the run whose rows are in `out_json`: its BENCHMARKS.md section's Date line (a fresh clone
+    gives every file today's mtime), else the file's mtime."""
+    doc = ROOT / "BENCHMARKS.md"
+    name = f"speed{tag.replace('_', '-')}"
+    m = re.search(rf"<!-- {re.escape(name)}:start -->.*?Date: (\d{{4}}-\d{{2}}-\d{{2}})", doc.read_text(), re.S) if doc.exists() else None
+    return m.group(1) if m else time.strftime("%Y-%m-%d", time.localtime(out_json.stat().st_mtime))
+
+
 def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
     env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY"))
     from bitnest.kernels import cpu
@@ -751,14 +761,14 @@ def main():
     out_json = RESULTS / f"speed{tag}.json"
     if args.shapes and not args.e2e_only and out_json.exists() and not args.quick:
         # a run of some shapes keeps the others' tables from the run that measured them, each table saying so
-        stamp = time.strftime("%Y-%m-%d", time.localtime(out_json.stat().st_mtime))
+        stamp = _last_run_date(tag, out_json)
         done = {r["shape"] for r in layer_rows}
         layer_rows += [dict(r, kept_from=r.get("kept_from") or f"{stamp}, {r.get('machine_bandwidth_gbs', 0):.1f} GB/s")
                        for r in json.loads(out_json.read_text()) if r.get("kind") == "layer" and r["shape"] not in done]
     if args.e2e_only and out_json.exists() and not args.quick:
         # and an end-to-end-only run keeps the layer rows of the last run, with the same note in the report
         layer_rows = [r for r in json.loads(out_json.read_text()) if r.get("kind") == "layer"]
-        kept_layers = time.strftime("%Y-%m-%d %H:%M", time.localtime(out_json.stat().st_mtime)) if layer_rows else ""
+        kept_layers = _last_run_date(tag, out_json) if layer_rows else ""
     else:
         kept_layers = ""
     if not args.layers_only:
@@ -769,7 +779,7 @@ def main():
         # side in that run); the report says which run each table comes from
         e2e_rows = [r for r in json.loads(out_json.read_text()) if r.get("kind") == "e2e"]
         if e2e_rows:
-            kept = time.strftime("%Y-%m-%d %H:%M", time.localtime(out_json.stat().st_mtime))
+            kept = _last_run_date(tag, out_json)
     bw_layers = layer_rows[0].get("machine_bandwidth_gbs", bw) if kept_layers else bw  # what their roofs used
     text, res = write_report(bw_layers, layer_rows, e2e_rows, notes, time.time() - t0, args.quick)
     if kept:
