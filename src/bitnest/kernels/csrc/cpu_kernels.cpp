@@ -534,12 +534,6 @@ std::vector<float> spread_x_pair(const uint16_t* X, int64_t M, int64_t K, int nd
   return xp;
 }
 
-inline uint16_t bf16_rne(float f) {  // round to nearest even (finite inputs)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 // fp32 x (M, K) -> the split pair layout: per block β, row m and step P, 16 words of hi = bf16(x) and then 16 of
 // lo = bf16(x − hi), each word pairing elements d·ND + P and d·ND + P + ND/2 as spread_x_pair does
 std::vector<float> spread_x_pair_split(const float* X, int64_t M, int64_t K, int nd) {
@@ -554,26 +548,14 @@ std::vector<float> spread_x_pair_split(const float* X, int64_t M, int64_t K, int
         for (int d = 0; d < 16; ++d)
           for (int half = 0; half < 2; ++half) {
             const float v = x[d * nd + p + half * (nd / 2)];
-            const uint16_t hi = bf16_rne(v);
-            const uint32_t hb = static_cast<uint32_t>(hi) << 16;
-            float hf;
-            std::memcpy(&hf, &hb, 4);
-            o[64 * p + 2 * d + half] = hi;
-            o[64 * p + 32 + 2 * d + half] = bf16_rne(v - hf);
+            const at::BFloat16 hi(v);  // rounded to nearest even
+            o[64 * p + 2 * d + half] = hi.x;
+            o[64 * p + 32 + 2 * d + half] = at::BFloat16(v - static_cast<float>(hi)).x;
           }
     }
   return xp;
 }
 #endif
-
-// xb: the block's activations of the pass's first row; row m at xb + m·E
-template <int B, int MB, int NU, int K_>
-BN_INLINE void spread_codes(const Spread<B>& sp, __m512i dw, const float* xb, __m512 (&acc)[MB][NU]) {
-  const __m512 w = sp.template code<K_>(dw);
-  for (int m = 0; m < MB; ++m)
-    acc[m][K_ % NU] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * Spread<B>::E + 16 * K_), acc[m][K_ % NU]);
-  if constexpr (K_ + 1 < Spread<B>::ND) spread_codes<B, MB, NU, K_ + 1>(sp, dw, xb, acc);
-}
 
 // Decoders: one weight format as the spread kernel sees it — per-row state, the per-group fold factor, and
 // how code K of every dword becomes 16 floats.
@@ -638,17 +620,9 @@ struct CodebookDec {  // ŵ = s · T[q]: code K of a dword, shifted down, indexe
   float finish(int64_t, float y, const float*) const { return y; }
 };
 
-// xb: the block's activations of the pass's first row; row m at xb + m·E
-template <class D, int MB, int NU, int K_>
-BN_INLINE void spread_block(const D& d, __m512i dw, const float* xb, __m512 (&acc)[MB][NU]) {
-  const __m512 w = d.template decode<K_>(dw);
-  for (int m = 0; m < MB; ++m)
-    acc[m][K_ % NU] = D::SP::template madd<K_>(w, xb + m * D::SP::XE, acc[m][K_ % NU]);
-  if constexpr (K_ + 1 < D::SP::STEPS) spread_block<D, MB, NU, K_ + 1>(d, dw, xb, acc);
-}
-
-// GU blocks at once (consecutive groups of one weight row), code K_ of each in turn: GU independent FMA chains.
-// One accumulator per group leaves a chain of ND dependent FMAs per block, longer than the block's decode work;
+// Code K_ (and the ones after it) of GU blocks (consecutive groups of one weight row; GU = 1: one block) against
+// the activations: block u's at xb + u·ustride, row m at + m·XE. GU > 1 gives GU independent FMA chains: one
+// accumulator per group leaves a chain of ND dependent FMAs per block, longer than the block's decode work;
 // interleaving two groups hides it (int4 g128 4096², batch 1: see BN_GU).
 template <class D, int MB, int NU, int GU, int K_>
 BN_INLINE void spread_blocks(const D& d, const __m512i (&dw)[GU], const float* xb, int64_t ustride,
@@ -722,13 +696,14 @@ struct SpreadKernel {
     }
     for (; b0 < blk1; b0 += step) {  // one group (one block when PER_BLOCK)
       if (!whole && !PER_BLOCK) d.group_start(i, g);
-      __m512 acc[MB][NU];
-      for (int m = 0; m < MB; ++m) for (int u = 0; u < NU; ++u) acc[m][u] = _mm512_setzero_ps();
+      __m512 acc[1][MB][NU];
+      for (int m = 0; m < MB; ++m) for (int u = 0; u < NU; ++u) acc[0][m][u] = _mm512_setzero_ps();
       for (int64_t blk = b0; blk < b0 + step; ++blk) {
         _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + BN_PFD), BN_PFH);
-        spread_block<D, MB, NU, 0>(d, d.sp.block(row + blk * SP::BYTES), Xm + blk * xstride, acc);
+        const __m512i dw[1] = {d.sp.block(row + blk * SP::BYTES)};
+        spread_blocks<D, MB, NU, 1, 0>(d, dw, Xm + blk * xstride, 0, acc);
       }
-      fold(acc, tot[0]);
+      fold(acc[0], tot[0]);
     }
     for (int u = 1; u < GU; ++u) for (int m = 0; m < MB; ++m) tot[0][m] = _mm512_add_ps(tot[0][m], tot[u][m]);
     for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(tot[0][m]);
@@ -1796,11 +1771,14 @@ Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool c
       const uint8_t* in = Q + i * rb_in;
       uint8_t* o = O + i * rb_out;
       int64_t j = 0;
-      if (c == 8) {  // the common parent: 8 codes in one word -> ob bytes out; whole 8-byte stores while they fit
-        const int64_t words = K / 8, whole = rb_out < 8 ? 0 : std::min(words, (rb_out - 8) / ob + 1);  // in the row (each overwrites
+      // The common parent c = 8: 8 codes in one word -> ob bytes out. Words [0, whole) are stored as whole 8-byte
+      // words (each overwrites the previous one's zero high bytes), 8 of them at a time so that the compiler
+      // vectorizes slice8 across them (one word at a time ran at ≈ 2 GB/s); the last few byte by byte.
+      if (c == 8) {
+        const int64_t words = K / 8, whole = rb_out < 8 ? 0 : std::min(words, (rb_out - 8) / ob + 1);
         int64_t w8 = 0;
-        for (; w8 + 8 <= whole; w8 += 8) {  // the last one's zero bytes). 8 words at a time: the compiler vectorizes
-          uint64_t t[8];                    // slice8 across them (one word at a time ran at ≈ 2 GB/s)
+        for (; w8 + 8 <= whole; w8 += 8) {
+          uint64_t t[8];
           std::memcpy(t, in + 8 * w8, 64);
           for (int e = 0; e < 8; ++e) t[e] = slice8(t[e], s, static_cast<int>(r), ob, clamp);
           for (int e = 0; e < 8; ++e) std::memcpy(o + (w8 + e) * ob, t + e, 8);
