@@ -8,7 +8,9 @@ and g64, one run, the same calibration sequences for every calibrated row.
 
 Rows (method): fp; rtn (each width alone, data-free); lpfit (bitnest's data-free ℓp grid fit) and hqq_opt (HQQ's
 own optimizer, library hqq) at 4/3/2 bits; sliced (RTN int8 parent served at r); gptq (each width alone,
-its own run); matgptq (one run, λ per width = --lambdas over --precisions, its slices); matgptq_mix_greedy / matgptq_mix_evo (the per-channel MatGPTQ parent at --mix-budgets bits per weight:
+its own run); matgptq (one run, λ per width = --lambdas over --precisions, its slices; bitnest's default
+compensation: one compensated copy of W per width); matgptq_shared (the same with the paper's shared compensation: one
+W, the λ-mean error spread; --skip-shared drops it); matgptq_mix_greedy / matgptq_mix_evo (the per-channel MatGPTQ parent at --mix-budgets bits per weight:
 the greedy per-block search on NLL vs the evolutionary per-layer search on KL to FP, 8 calibration sequences);
 matquant_qat and
 matquant_omniquant (R = {8, 4, 2}, the paper's λ = (0.1, 0.1, 1), served at 8, 4, 3 (interpolated), 2; --qat-steps
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, interval_cell, load, write_json, write_section  # noqa: E402
 
 WIDTHS = (8, 4, 3, 2)
-CALIBRATED = ("gptq", "matgptq", "matquant_omniquant")
+CALIBRATED = ("gptq", "matgptq", "matgptq_shared", "matquant_omniquant")
 GROUPS = (None, 64)
 # MatGPTQ's published settings: Llama-3.1-8B, widths {8, 4, 3}, weights (1, 1, 1), g128 symmetric (scripts/run_matgptq.sh)
 
@@ -54,6 +56,7 @@ def parse(argv=None):
     ap.add_argument("--skip-trained", action="store_true")
     ap.add_argument("--no-clip", dest="clip", action="store_false", help="MatGPTQ without slice-aware clipping")
     ap.add_argument("--skip-self", action="store_true", help="without the rows calibrated on self-generated text")
+    ap.add_argument("--skip-shared", action="store_true", help="without the rows of the paper's shared compensation")
     ap.add_argument("--groups", default="channel,64")
     ap.add_argument("--mix-budgets", default="3.0,3.5", help="Mix'n'Match budgets (bits per weight over all linears, "
                     "per channel only; '' for none)")
@@ -143,6 +146,12 @@ def main(argv=None) -> int:
                                         clip=a.clip, progress=False, **kw))
         for r, s in served(m, WIDTHS):
             add("matgptq", r, g, s, sec)
+        if not a.skip_shared:
+            ms, sec_s = timed(lambda: quantize(copy.deepcopy(fp), "matgptq", precisions=a.precisions, group_size=g,
+                                               calib=calib, clip=a.clip, compensation="shared", progress=False, **kw))
+            for r, s in served(ms, WIDTHS):
+                add("matgptq_shared", r, g, s, sec_s)
+            del ms
         if g is None and a.mix_budgets:  # Mix'n'Match on the MatGPTQ parent: greedy (per block) vs evolutionary (per layer)
             mix_ids, names = calib[:8], list(nested_modules(m, ffn_only=False))
             for budget in a.mix_budgets:
@@ -248,7 +257,8 @@ def report(rows, checks, a, minutes, kept=()) -> str:
                      f"{interval_cell(r, fp, 'c4')} | {r['ppl_wikitext2']:.3f} | {interval_cell(r, fp, 'wikitext2')} | {sec} |")
     lam = a.lambdas or "the method's default"
     note = (f"ref-10m, FFN + attention (all 70 Linears of the 10 blocks), asymmetric MinMax int8 parent; {a.n_calib} × 256 C4 "
-            f"training tokens shared by every calibrated row; MatGPTQ precisions {a.precisions}, λ {lam}, slice-aware clip "
+            f"training tokens shared by every calibrated row; MatGPTQ precisions {a.precisions}, λ {lam}, one compensated copy "
+            f"of W per width (matgptq_shared: the paper's one W, λ-mean error), slice-aware clip "
             f"{'on (max side stretched up to 4/3, scored on H’s 128-input diagonal blocks, per group with groups)' if a.clip else 'off'} "
             f"(GPTQ rows: plain, no clip); "
             + ("MatQuant QAT / OmniQuant not rerun (below). " if a.skip_trained else

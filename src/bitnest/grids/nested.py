@@ -79,6 +79,22 @@ class MultiWidth:
         self.A, self.B = (lam * T).sum(0), (lam * T * T).sum(0)  # (2^c,) each
         self.codes, self.breaks = self._envelope()
         self._lut = self._bins()
+        self.T = T.float()  # (W, 2^c)
+        # round_apart: positions and slices centred on the grid's middle (float32 cost terms 4× smaller)
+        mid = float(1 << (c - 1))
+        Tc = T - mid
+        self._apart = ((lam * Tc * Tc).sum(0, keepdim=True).float(), (lam * Tc).float(), mid)
+        # codes that slice alike for every width tie; round_apart takes the one nearest the widest width's position:
+        # each code's class of alike codes is an interval (the slices are monotone in q), [lo, hi] per code
+        key = [tuple(col) for col in T.T.tolist()]
+        lo, hi = list(range(1 << c)), list(range(1 << c))
+        for q_ in range(1, 1 << c):
+            if key[q_] == key[q_ - 1]:
+                lo[q_] = lo[q_ - 1]
+        for q_ in range((1 << c) - 2, -1, -1):
+            if key[q_] == key[q_ + 1]:
+                hi[q_] = hi[q_ + 1]
+        self._alike = None if c in widths else (torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32))
 
     def _envelope(self):
         """Codes on the lower envelope of the lines B_q − 2u·A_q, by increasing u, and the u where each hands
@@ -147,6 +163,23 @@ class MultiWidth:
         else:
             idx = i + (below < u).long() - (above >= u).long()
         return self.codes.to(u.device)[idx].to(u.dtype)
+
+    def round_apart(self, U: torch.Tensor) -> torch.Tensor:
+        """The c-bit code of each column of U (W, n) — width r's own position on the parent grid in row r, in the order
+        of `widths` — minimising Σ_r λ_r (u_r − S(q, r))², as float codes (n,). With equal rows it is `round`; Matryoshka
+        GPTQ with one compensated copy of W per width (methods/gptq.gptq_nested) gives each width its own row. Exact
+        over all 2^c codes: the objective is B_q − 2 Σ_r λ_r u_r S(q, r) + const, one (n, W) × (W, 2^c) product."""
+        B, LT, mid = (x.to(U.device) if isinstance(x, torch.Tensor) else x for x in self._apart)
+        q = torch.addmm(B, U.float().T - mid, LT, alpha=-2).argmin(1)  # (n, 2^c) objective -> (n,)
+        if self._alike is not None:  # the parent is not a width: of the alike codes, the nearest to the widest's position
+            lo, hi = (x.to(U.device)[q] for x in self._alike)
+            wide = max(range(len(self.widths)), key=lambda k: self.widths[k])
+            return torch.round(U[wide].float()).clamp_(lo, hi).to(U.dtype)
+        return q.to(U.dtype)
+
+    def slices(self, q: torch.Tensor) -> torch.Tensor:
+        """S(q, r) for every width, (W, *q.shape), on the parent's scale, float32."""
+        return self.T.to(q.device)[:, q.long()]
 
     def mean(self, q: torch.Tensor) -> torch.Tensor:
         """A_q: the λ-mean of the slices of codes q on the parent's scale (same dtype as q if floating)."""

@@ -5,7 +5,9 @@ Written once against a grid (fit params on a set of columns / quantize a column 
 codes to what the layer computes with / stack the params for storage), so the same loop serves the affine
 grid at any width, the nested Matryoshka int8 grid (`nested=True`: c-bit codes are stored, the r-bit slice
 is what the error feedback sees, so the served r-bit model is the GPTQ-optimized one), and the codebook
-grids (`grid="nf" | "log" | "kmeans"`, grids/codebook.py, stored as CodebookLinear).
+grids (`grid="nf" | "log" | "kmeans"`, grids/codebook.py, stored as CodebookLinear). Matryoshka GPTQ runs
+either that loop on the multi-width grid (`compensation="shared"`, the paper's) or `gptq_nested`, one compensated
+copy of W per served width (the default).
 
 Act-order with groups uses *static groups*: each group's scale and zero are fitted on the original W before
 the column loop, so group j's params are those of input columns [j·g, (j+1)·g) whatever order the columns
@@ -51,13 +53,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: "AffineGrid | CodebookGrid", *,
     else:
         params = []
         blocksize = g * max(1, blocksize // g)  # a group never straddles two blocks
-    dead = H.diag() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = torch.argsort(H.diag(), descending=True) if act_order else torch.arange(n, device=H.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += percdamp * H.diag().mean() * torch.eye(n, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
+    W, Hinv, perm = _ordered(W, H, act_order, percdamp)
     Wt, Q = W.T.contiguous(), torch.zeros(n, out, device=W.device)  # (in, out): a column is a contiguous row
     cols, cur, p = perm.tolist(), None, None
     for i1 in range(0, n, blocksize):
@@ -78,6 +74,65 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: "AffineGrid | CodebookGrid", *,
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # W1 -= Hinv1[i, i:] ⊗ err: the error spread forward
             Err1[i] = err
         Wt[i2:] -= Hinv[i1:i2, i2:].T @ Err1  # (in − i2, out): the block's error, lazily, to later columns
+    Q = Q[torch.argsort(perm)].T.to(torch.uint8)  # (out, in), back to input order
+    return (Q, *grid.stack(params))
+
+
+def _ordered(W: torch.Tensor, H: torch.Tensor, act_order: bool, percdamp: float):
+    """W (out, in) with dead inputs zeroed and its columns in the quantization order (act-order: decreasing H_jj),
+    the upper Cholesky factor of the damped H⁻¹ (in, in) in that order, and the order itself."""
+    n = W.shape[1]
+    dead = H.diag() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(H.diag(), descending=True) if act_order else torch.arange(n, device=H.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += percdamp * H.diag().mean() * torch.eye(n, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # (in, in)
+    return W, Hinv, perm
+
+
+def gptq_nested(W: torch.Tensor, H: torch.Tensor, grid: AffineGrid, *, blocksize: int = 128, percdamp: float = 0.01,
+                act_order: bool = True, gamma: torch.Tensor | None = None, **_):
+    """Matryoshka GPTQ with one compensated copy of W per served width (`compensation="per_width"`): codes (out, in)
+    uint8 on the c-bit parent grid and its stored (alpha, z).
+
+    The shared loop (`gptq` on a MultiWidth grid, MatGPTQ's) keeps one W and spreads the λ-mean of the slices' errors
+    through H⁻¹, so no slice gets the compensation it needs: on ref-10m g64 its int2 slice's WikiText-2 perplexity gap
+    stayed at 1.6× GPTQ-int2's for every λ tried (BENCHMARKS.md "Matryoshka GPTQ"). Here width r keeps its own W_r,
+    updated by its own slice's error exactly as GPTQ at r alone would update W. The widths still share one code per
+    weight: at each column the code is the exact argmin over all 2^c codes of Σ_r λ_r (u_r − S(q, r))², u_r = W_r's
+    position on the parent grid (MultiWidth.round_apart) — so λ only settles where the widths' trajectories disagree.
+    Cost: the column loop on K = len(widths) copies, plus one (out, K) × (K, 2^c) product per column.
+    Groups are always static (fitted on the original W, as act-order does), so every copy sees the same grid."""
+    multi = grid.multi
+    K = len(multi.widths)
+    W = W.detach().clone().float()  # (out, in)
+    H = H.detach().clone().float()  # (in, in)
+    out, n = W.shape
+    g = grid.spec.group_size
+    g = None if g in (None, -1) or g >= n else g
+    gam = (lambda j: None) if gamma is None else (lambda j: gamma[..., j:j + 1])
+    params = [grid.fit(W, gam(0))] if g is None else [grid.fit(W[:, j:j + g], gam(j // g)) for j in range(0, n, g)]
+    W, Hinv, perm = _ordered(W, H, act_order, percdamp)
+    Wt = W.T.contiguous().unsqueeze(0).repeat(K, 1, 1)  # (K, in, out): width k's compensated copy
+    Q = torch.zeros(n, out, device=W.device)  # (in, out) codes as float (exact below 2^24)
+    cols, cur, p = perm.tolist(), None, None
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1, Hinv1 = Wt[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]  # (K, B, out), (B, B)
+        Err1 = torch.zeros_like(W1)  # (K, B, out)
+        for i in range(i2 - i1):
+            j = 0 if g is None else cols[i1 + i] // g
+            if j != cur:
+                cur, p = j, grid.prepare(params[j])
+            a, zz = p
+            q = multi.round_apart(W1[:, i] / a + zz)  # (out,): the code best for every width at its own position
+            Q[i1 + i] = q
+            err = W1[:, i].sub(a * (multi.slices(q) - zz)).div_(Hinv1[i, i])  # (K, out)
+            W1[:, i:] -= Hinv1[i, i:, None] * err[:, None, :]  # each copy: its own error spread forward
+            Err1[:, i] = err
+        Wt[:, i2:] -= torch.einsum("ij,kio->kjo", Hinv[i1:i2, i2:], Err1)  # (K, in − i2, out), lazily
     Q = Q[torch.argsort(perm)].T.to(torch.uint8)  # (out, in), back to input order
     return (Q, *grid.stack(params))
 
@@ -131,10 +186,16 @@ class MatGPTQConfig(GPTQConfig):
     clip: bool = True
     clip_stretch: float = 4 / 3
     clip_block: int = 128
+    # per_width: one compensated copy of W per width, one code chosen for all of them (`gptq_nested`); shared: the
+    # paper's loop, one W and the λ-mean error spread. ref-10m g64 (BENCHMARKS.md "Matryoshka GPTQ"): shared's int2 gap
+    # to FP was 1.14× / 1.65× GPTQ-int2's on C4 / WikiText-2 at every λ tried.
+    compensation: str = "per_width"
 
     def __post_init__(self):
         from .matquant import parse_bits, parse_lambdas
         set_ = lambda k, v: object.__setattr__(self, k, v)
+        if self.compensation not in COMPENSATIONS:
+            raise BitnestError(f"matgptq compensation must be one of {COMPENSATIONS}, got {self.compensation!r}")
         if isinstance(self.parent_bits, str):
             set_("parent_bits", int(self.parent_bits))
         precisions = parse_bits(self.precisions) if self.precisions else DEFAULT_MAT_PRECISIONS
@@ -160,6 +221,7 @@ class MatGPTQConfig(GPTQConfig):
 
 
 DEFAULT_MAT_PRECISIONS = (8, 4, 3, 2)
+COMPENSATIONS = ("per_width", "shared")
 
 
 def default_mat_lambdas(precisions) -> tuple[float, ...]:
@@ -210,7 +272,8 @@ def _gptq_stack(lins: list, H: torch.Tensor, config: GPTQConfig, bits: int) -> l
                                        tops=tops, block=config.clip_block or None, coarse=st > 1)
                            for lin in lins], -2)  # (R, G), or (2, R, G): γ for max and min
     W = torch.cat([lin.weight.detach() for lin in lins])  # (Σ out, in)
-    Q, a, b = gptq(W, H, grid, blocksize=config.blocksize, percdamp=config.percdamp, act_order=config.act_order, gamma=gamma)
+    solve = gptq_nested if getattr(config, "compensation", "shared") == "per_width" else gptq
+    Q, a, b = solve(W, H, grid, blocksize=config.blocksize, percdamp=config.percdamp, act_order=config.act_order, gamma=gamma)
     mods, r0 = [], 0
     for lin in lins:
         rows = slice(r0, r0 + lin.out_features)
@@ -234,11 +297,13 @@ def gptq_method(model, config: GPTQConfig, names: list[str], progress: bool = Tr
 @register("matgptq", MatGPTQConfig)
 def matgptq_method(model, config: MatGPTQConfig, names: list[str], progress: bool = True, calib=None, **_) -> None:
     """Matryoshka GPTQ (MatGPTQ, arXiv 2602.03537): the GPTQ loop on the c-bit grid, each column's codes chosen
-    to minimise Σ_r λ_r (w − ŵ_r)² over the slices r ∈ precisions (grids/nested.MultiWidth) and the λ-mean error
-    spread through H⁻¹; with `clip`, the clipping search is scored over all widths too. A normal nested
-    checkpoint: served at `bits`, any r ≤ parent_bits at load time or run time."""
+    to minimise Σ_r λ_r (w − ŵ_r)² over the slices r ∈ precisions (grids/nested.MultiWidth). compensation="shared"
+    (the paper's): one W, the λ-mean error spread through H⁻¹; "per_width" (default): one W_r per width, each
+    updated by its own slice's error, ŵ_r taken at W_r's own position (`gptq_nested`). With `clip`, the clipping
+    search is scored over all widths too. A normal nested checkpoint: served at `bits`, any r ≤ parent_bits at load
+    time or run time."""
     calibrated(model, config, names, calib, progress=progress, desc="matgptq", make=lambda ns, lins, st: quantize_linears(
         lins, st.H, config, [config.bits_for(n) for n in ns]))
 
 
-__all__ = ["gptq", "GPTQConfig", "MatGPTQConfig", "quantize_linear", "quantize_linears"]
+__all__ = ["gptq", "gptq_nested", "GPTQConfig", "MatGPTQConfig", "quantize_linear", "quantize_linears"]
