@@ -213,13 +213,23 @@ def run_one(src: Path, root: Path, method: str, opts: dict, label: str, threads:
     return row
 
 
-def gptq_working_set(h: int, inter: int) -> int:
-    """Bytes GPTQ holds while solving its widest group of a Llama block, counted off methods/gptq.py: ≤ 5 float32
-    copies of the group's stacked weights (the concatenation, the clone, the permuted copy, the transposed one, the
-    codes) and ≤ 5 (in, in) float32 matrices (H, its permuted copies, the Cholesky factors). Groups: q/k/v
-    (≤ 3h × h), o (h × h), gate/up (2·inter × h), down (h × inter)."""
+def gptq_working_set(h: int, inter: int, copies: int = 5) -> int:
+    """Bytes GPTQ holds while solving its widest group of a Llama block, counted off methods/gptq.py: ≤ `copies`
+    float32 copies of the group's stacked weights (plain GPTQ 5: the concatenation, the clone, the permuted copy, the
+    transposed one, the codes; Matryoshka GPTQ's per-width loop K + 3: the concatenation, the permuted copy while the
+    K transposed copies are made, the codes) and ≤ 5 (in, in) float32 matrices (H, its permuted copies, the Cholesky
+    factors). Groups: q/k/v (≤ 3h × h), o (h × h), gate/up (2·inter × h), down (h × inter)."""
     groups = [(3 * h, h), (h, h), (2 * inter, h), (h, inter)]
-    return max(4 * (5 * rows * cols + 5 * cols * cols) for rows, cols in groups)
+    return max(4 * (copies * rows * cols + 5 * cols * cols) for rows, cols in groups)
+
+
+def weight_copies(method: str) -> int:
+    """The float32 copies of a group's weights `method` holds at once (gptq_working_set)."""
+    if method != "matgptq":
+        return 5
+    from bitnest.methods.gptq import MatGPTQConfig
+    cfg = MatGPTQConfig()
+    return 5 if cfg.compensation == "shared" else len(cfg.precisions) + 3
 
 
 def calibrated_runs(args, root: Path, ram: int, methods: list[str]) -> list[dict]:
@@ -231,11 +241,11 @@ def calibrated_runs(args, root: Path, ram: int, methods: list[str]) -> list[dict
     print(f"wrote {src}: {L} layers of hidden {h}, {model_bytes / 1e9:.1f} GB in {time.perf_counter() - t:.0f} s", flush=True)
     block_fp32 = 4 * (4 * h * h + 3 * h * inter)
     acts = args.n_calib * args.calib_len * h * 4
-    stats = gptq_working_set(h, inter)
     rows = []
     for method, opts, label in CALIB_RUNS:
         if method not in methods:
             continue
+        stats = gptq_working_set(h, inter, weight_copies(method))
         o = {**opts, "n_calib": args.n_calib, "calib_len": args.calib_len}
         row = run_one(src, root, method, {**o, "calib_random": [args.n_calib, args.calib_len, args.vocab]}, label,
                       args.threads, {"model_bytes": model_bytes, "ram_bytes": ram, "layers": L, "hidden": h,
@@ -307,8 +317,9 @@ def write_report(rows: list[dict], ram: int) -> None:
                  f"{cal['options']['calib_len']} random calibration tokens, one block at a time through the method's own "
                  f"block loop; bound = baseline RSS + one block in float32 ({cal['block_fp32_bytes'] / GiB:.2f} GiB) + the "
                  f"block's calibration inputs and outputs ({2 * cal['calib_act_bytes'] / GiB:.2f} GiB) + GPTQ's working "
-                 f"set for the widest layer group ({cal['stats_bytes'] / GiB:.2f} GiB: ≤ 5 float32 copies of the group's "
-                 "weights and ≤ 5 (in, in) matrices, counted off methods/gptq.py; it grows with the layer width, so it is "
+                 f"set for the widest layer group ({cal['stats_bytes'] / GiB:.2f} GiB for the first calibrated row: ≤ 5 float32 "
+                 "copies of the group's weights (Matryoshka GPTQ's per-width loop: widths + 3) and ≤ 5 (in, in) matrices, "
+                 "counted off methods/gptq.py; it grows with the layer width, so it is "
                  "not a fixed overhead) + 256 MiB. ")
     note += ("Peak RSS is the worker process's VmHWM (torch + transformers included). One process, 2 threads; "
              "1-minute load average at the end of each run: "

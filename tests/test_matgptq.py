@@ -1,6 +1,7 @@
 """Matryoshka GPTQ: the multi-width rounding is the exact argmin (hypothesis against brute force over all 2^c codes);
 with λ only on c it is round-to-nearest; GPTQ with H = I is that rounding element-wise; with a real H it lowers the
-λ-weighted output error of all slices below nested GPTQ at one width and sliced RTN; the checkpoint loads at any r."""
+λ-weighted output error of all slices below nested GPTQ at one width and sliced RTN; with one compensated copy of W
+per width (the default) every slice's error is below the shared loop's; the checkpoint loads at any r."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -8,7 +9,7 @@ from torch import nn
 
 from bitnest.calib.clip import output_error, search_clip
 from bitnest.grids.affine import AffineGrid, AffineSpec, dequantize, fit, quantize
-from bitnest.grids.nested import MultiWidth, slice_codes
+from bitnest.grids.nested import MultiWidth
 from bitnest.methods.gptq import GPTQConfig, MatGPTQConfig, gptq, quantize_linear
 from bitnest.errors import BitnestError
 

@@ -166,9 +166,10 @@ class MultiWidth:
 
     def round_apart(self, U: torch.Tensor) -> torch.Tensor:
         """The c-bit code of each column of U (W, n) — width r's own position on the parent grid in row r, in the order
-        of `widths` — minimising Σ_r λ_r (u_r − S(q, r))², as float codes (n,). With equal rows it is `round`; Matryoshka
-        GPTQ with one compensated copy of W per width (methods/gptq.gptq_nested) gives each width its own row. Exact
-        over all 2^c codes: the objective is B_q − 2 Σ_r λ_r u_r S(q, r) + const, one (n, W) × (W, 2^c) product."""
+        of `widths` — minimising Σ_r λ_r (u_r − S(q, r))², as float codes (n,). With equal rows it minimises what
+        `round` does (to float32 rounding of the objective); Matryoshka GPTQ with one compensated copy of W per width
+        (methods/gptq.gptq_nested) gives each width its own row. Exact over all 2^c codes: the objective is
+        B_q − 2 Σ_r λ_r u_r S(q, r) + const, one (n, W) × (W, 2^c) product."""
         B, LT, mid = (x.to(U.device) if isinstance(x, torch.Tensor) else x for x in self._apart)
         q = torch.addmm(B, U.float().T - mid, LT, alpha=-2).argmin(1)  # (n, 2^c) objective -> (n,)
         if self._alike is not None:  # the parent is not a width: of the alike codes, the nearest to the widest's position

@@ -116,7 +116,8 @@ def gptq_nested(W: torch.Tensor, H: torch.Tensor, grid: AffineGrid, *, blocksize
     params = [grid.fit(W, gam(0))] if g is None else [grid.fit(W[:, j:j + g], gam(j // g)) for j in range(0, n, g)]
     W, Hinv, perm = _ordered(W, H, act_order, percdamp)
     Wt = W.T.contiguous().unsqueeze(0).repeat(K, 1, 1)  # (K, in, out): width k's compensated copy
-    Q = torch.zeros(n, out, device=W.device)  # (in, out) codes as float (exact below 2^24)
+    del W  # memory: the caller's W + K copies + the codes (bench/scale.py counts K + 3 with the transient)
+    Q = torch.zeros(n, out, device=Wt.device)  # (in, out) codes as float (exact below 2^24)
     cols, cur, p = perm.tolist(), None, None
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
@@ -230,7 +231,9 @@ def default_mat_lambdas(precisions) -> tuple[float, ...]:
     up to 0.7 % on ref-10m), yet it needs enough weight for its own compensation: with the stretched slice-aware clip,
     ref-10m C4 held-out 128 windows vs GPTQ alone at each width, int8 / int4 +0.02 / +0.17 % per channel and
     +0.13 / +0.36 % g64, int2 gap to FP 0.66× / 1.14× GPTQ-int2's; (4, 4, 2, 1) gave int2 0.85× / 1.00×, and (8, 4, 2, 1) 0.84× /
-    1.05× at 32 windows."""
+    1.05× at 32 windows. Those figures are the shared loop's; with one compensated copy per width (the default) λ only
+    settles the code where the widths' own positions disagree and weighs the clip search, and these λ gave every
+    slice at least GPTQ-alone's quality on ref-10m (BENCHMARKS.md "Matryoshka GPTQ")."""
     narrowest = min(precisions)
     return tuple(1.0 if r == narrowest else 2.0 for r in precisions)
 
