@@ -223,12 +223,12 @@ def gptq_working_set(h: int, inter: int, copies: int = 5) -> int:
     return max(4 * (copies * rows * cols + 5 * cols * cols) for rows, cols in groups)
 
 
-def weight_copies(method: str) -> int:
-    """The float32 copies of a group's weights `method` holds at once (gptq_working_set)."""
+def weight_copies(method: str, opts: dict) -> int:
+    """The float32 copies of a group's weights `method` run with `opts` holds at once (gptq_working_set)."""
     if method != "matgptq":
         return 5
     from bitnest.methods.gptq import MatGPTQConfig
-    cfg = MatGPTQConfig()
+    cfg = MatGPTQConfig(**opts)
     return 5 if cfg.compensation == "shared" else len(cfg.precisions) + 3
 
 
@@ -245,7 +245,7 @@ def calibrated_runs(args, root: Path, ram: int, methods: list[str]) -> list[dict
     for method, opts, label in CALIB_RUNS:
         if method not in methods:
             continue
-        stats = gptq_working_set(h, inter, weight_copies(method))
+        stats = gptq_working_set(h, inter, weight_copies(method, opts))
         o = {**opts, "n_calib": args.n_calib, "calib_len": args.calib_len}
         row = run_one(src, root, method, {**o, "calib_random": [args.n_calib, args.calib_len, args.vocab]}, label,
                       args.threads, {"model_bytes": model_bytes, "ram_bytes": ram, "layers": L, "hidden": h,

@@ -84,9 +84,10 @@ class MultiWidth:
         mid = float(1 << (c - 1))
         Tc = T - mid
         self._apart = ((lam * Tc * Tc).sum(0, keepdim=True).float(), (lam * Tc).float(), mid)
-        # codes that slice alike for every width tie; round_apart takes the one nearest the widest width's position:
-        # each code's class of alike codes is an interval (the slices are monotone in q), [lo, hi] per code
-        key = [tuple(col) for col in T.T.tolist()]
+        # codes that slice alike for every width of positive λ tie; round_apart takes the one nearest the widest width's
+        # position: each code's class of alike codes is an interval (the slices are monotone in q), [lo, hi] per code
+        live = [k for k, x in enumerate(lambdas) if x > 0]
+        key = [tuple(col[k] for k in live) for col in T.T.tolist()]
         lo, hi = list(range(1 << c)), list(range(1 << c))
         for q_ in range(1, 1 << c):
             if key[q_] == key[q_ - 1]:
@@ -94,7 +95,9 @@ class MultiWidth:
         for q_ in range((1 << c) - 2, -1, -1):
             if key[q_] == key[q_ + 1]:
                 hi[q_] = hi[q_ + 1]
-        self._alike = None if c in widths else (torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32))
+        self._alike = None if c in [widths[k] for k in live] else (torch.tensor(lo, dtype=torch.float32),
+                                                                  torch.tensor(hi, dtype=torch.float32))
+        self._on = {}  # device -> round_apart's tables there (GPTQ calls it once per column)
 
     def _envelope(self):
         """Codes on the lower envelope of the lines B_q − 2u·A_q, by increasing u, and the u where each hands
@@ -170,17 +173,22 @@ class MultiWidth:
         `round` does (to float32 rounding of the objective); Matryoshka GPTQ with one compensated copy of W per width
         (methods/gptq.gptq_nested) gives each width its own row. Exact over all 2^c codes: the objective is
         B_q − 2 Σ_r λ_r u_r S(q, r) + const, one (n, W) × (W, 2^c) product."""
-        B, LT, mid = (x.to(U.device) if isinstance(x, torch.Tensor) else x for x in self._apart)
-        q = torch.addmm(B, U.float().T - mid, LT, alpha=-2).argmin(1)  # (n, 2^c) objective -> (n,)
-        if self._alike is not None:  # the parent is not a width: of the alike codes, the nearest to the widest's position
-            lo, hi = (x.to(U.device)[q] for x in self._alike)
+        if U.device not in self._on:
+            self._on[U.device] = tuple(x.to(U.device) if isinstance(x, torch.Tensor) else x
+                                       for x in (*self._apart, *(self._alike or (None, None)), self.T))
+        B, LT, mid, lo, hi, _ = self._on[U.device]
+        top = float(1 << self.c)  # far outside the grid every position has the same best code: NaN and ±inf made finite
+        U = U.float().nan_to_num(nan=top, posinf=top, neginf=-top).clamp(-top, 2 * top)  # as `round` places them
+        q = torch.addmm(B, U.T - mid, LT, alpha=-2).argmin(1)  # (n, 2^c) objective -> (n,)
+        if lo is not None:  # the parent is not a width: of the alike codes, the nearest to the widest's position
             wide = max(range(len(self.widths)), key=lambda k: self.widths[k])
-            return torch.round(U[wide].float()).clamp_(lo, hi).to(U.dtype)
-        return q.to(U.dtype)
+            return torch.round(U[wide]).clamp_(lo[q], hi[q])
+        return q.float()
 
     def slices(self, q: torch.Tensor) -> torch.Tensor:
         """S(q, r) for every width, (W, *q.shape), on the parent's scale, float32."""
-        return self.T.to(q.device)[:, q.long()]
+        T = self._on[q.device][-1] if q.device in self._on else self.T.to(q.device)
+        return T[:, q.long()]
 
     def mean(self, q: torch.Tensor) -> torch.Tensor:
         """A_q: the λ-mean of the slices of codes q on the parent's scale (same dtype as q if floating)."""

@@ -133,7 +133,8 @@ def gptq_nested(W: torch.Tensor, H: torch.Tensor, grid: AffineGrid, *, blocksize
             err = W1[:, i].sub(a * (multi.slices(q) - zz)).div_(Hinv1[i, i])  # (K, out)
             W1[:, i:] -= Hinv1[i, i:, None] * err[:, None, :]  # each copy: its own error spread forward
             Err1[:, i] = err
-        Wt[:, i2:] -= torch.einsum("ij,kio->kjo", Hinv[i1:i2, i2:], Err1)  # (K, in − i2, out), lazily
+        for k in range(K):  # the block's error to later columns, lazily, in place: no (K, in − i2, out) temporary
+            Wt[k, i2:].addmm_(Hinv[i1:i2, i2:].T, Err1[k], alpha=-1)
     Q = Q[torch.argsort(perm)].T.to(torch.uint8)  # (out, in), back to input order
     return (Q, *grid.stack(params))
 
@@ -190,6 +191,7 @@ class MatGPTQConfig(GPTQConfig):
     # per_width: one compensated copy of W per width, one code chosen for all of them (`gptq_nested`); shared: the
     # paper's loop, one W and the λ-mean error spread. ref-10m g64 (BENCHMARKS.md "Matryoshka GPTQ"): shared's int2 gap
     # to FP was 1.14× / 1.65× GPTQ-int2's on C4 / WikiText-2 at every λ tried.
+    # (per_width fits groups on the original W even without act-order — static groups — so all copies share a grid)
     compensation: str = "per_width"
 
     def __post_init__(self):
