@@ -209,7 +209,8 @@ def main(argv=None) -> int:
         p.error(f"unknown variants {unknown}")
     budget = (f"Every trained run: {args.steps} steps × {args.batch} sequences of the eval ctx (ref-10m 256, "
               f"stories260K 512) from {args.samples} teacher-generated sequences per model, Adam β = (0.9, 0.98), "
-              f"LR {args.lr}, 5 % warm-up + cosine; perplexity over the first {args.limit} windows of each text.")
+              f"LR {args.lr}, 5 % warm-up + cosine; perplexity over "
+              + (f"the first {args.limit} windows of each text." if args.limit else "every window of each text (the whole text)."))
     json_path = RESULTS / f"{args.name}.json"
     if args.from_json:
         report(json.loads(json_path.read_text()), args, budget)
