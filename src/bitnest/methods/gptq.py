@@ -39,8 +39,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: "AffineGrid | CodebookGrid", *,
 
     gamma (R, G), or (2, R, G) for separate max / min ratios: clipping ratios applied when fitting (data-adaptive
     clipping, calib/clip.py)."""
-    W = W.detach().clone().float()  # (out, in)
-    H = H.detach().clone().float()  # (in, in)
+    W = W.detach().float()  # (out, in): the caller's when float32 (_ordered copies it: no extra copy at the peak)
     out, n = W.shape
     g = grid.spec.group_size
     g = None if g in (None, -1) or g >= n else g
@@ -79,8 +78,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: "AffineGrid | CodebookGrid", *,
 
 
 def _ordered(W: torch.Tensor, H: torch.Tensor, act_order: bool, percdamp: float):
-    """W (out, in) with dead inputs zeroed and its columns in the quantization order (act-order: decreasing H_jj),
-    the upper Cholesky factor of the damped H⁻¹ (in, in) in that order, and the order itself."""
+    """A copy of W (out, in) with dead inputs zeroed and its columns in the quantization order (act-order: decreasing
+    H_jj), the upper Cholesky factor of the damped H⁻¹ (in, in) in that order, and the order itself. W and H are left
+    as they are; the copies are made here so that only the ordered ones outlive the call (the caller's references
+    would keep an unordered copy alive through it: tests/test_streaming.py's peak-memory bound)."""
+    W = W.detach().clone().float()  # (out, in)
+    H = H.detach().clone().float()  # (in, in)
     n = W.shape[1]
     dead = H.diag() == 0
     H[dead, dead] = 1
@@ -107,8 +110,7 @@ def gptq_nested(W: torch.Tensor, H: torch.Tensor, grid: AffineGrid, *, blocksize
     Groups are always static (fitted on the original W, as act-order does), so every copy sees the same grid."""
     multi = grid.multi
     K = len(multi.widths)
-    W = W.detach().clone().float()  # (out, in)
-    H = H.detach().clone().float()  # (in, in)
+    W = W.detach().float()  # (out, in): the caller's when float32 (_ordered copies it)
     out, n = W.shape
     g = grid.spec.group_size
     g = None if g in (None, -1) or g >= n else g
