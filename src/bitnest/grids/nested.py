@@ -173,10 +173,7 @@ class MultiWidth:
         `round` does (to float32 rounding of the objective); Matryoshka GPTQ with one compensated copy of W per width
         (methods/gptq.gptq_nested) gives each width its own row. Exact over all 2^c codes: the objective is
         B_q − 2 Σ_r λ_r u_r S(q, r) + const, one (n, W) × (W, 2^c) product."""
-        if U.device not in self._on:
-            self._on[U.device] = tuple(x.to(U.device) if isinstance(x, torch.Tensor) else x
-                                       for x in (*self._apart, *(self._alike or (None, None)), self.T))
-        B, LT, mid, lo, hi, _ = self._on[U.device]
+        B, LT, mid, lo, hi, _ = self._tables(U.device)
         top = float(1 << self.c)  # far outside the grid every position has the same best code: NaN and ±inf made finite
         U = U.float().nan_to_num(nan=top, posinf=top, neginf=-top).clamp(-top, 2 * top)  # as `round` places them
         q = torch.addmm(B, U.T - mid, LT, alpha=-2).argmin(1)  # (n, 2^c) objective -> (n,)
@@ -187,8 +184,15 @@ class MultiWidth:
 
     def slices(self, q: torch.Tensor) -> torch.Tensor:
         """S(q, r) for every width, (W, *q.shape), on the parent's scale, float32."""
-        T = self._on[q.device][-1] if q.device in self._on else self.T.to(q.device)
-        return T[:, q.long()]
+        return self._tables(q.device)[-1][:, q.long()]
+
+    def _tables(self, device) -> tuple:
+        """round_apart's and slices' tables on `device`, moved once (GPTQ calls both once per column):
+        (B, λ·T centred, mid, alike lo, alike hi, T)."""
+        if device not in self._on:
+            self._on[device] = tuple(x.to(device) if isinstance(x, torch.Tensor) else x
+                                     for x in (*self._apart, *(self._alike or (None, None)), self.T))
+        return self._on[device]
 
     def mean(self, q: torch.Tensor) -> torch.Tensor:
         """A_q: the λ-mean of the slices of codes q on the parent's scale (same dtype as q if floating)."""

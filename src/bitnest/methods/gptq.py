@@ -45,10 +45,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: "AffineGrid | CodebookGrid", *,
     g = None if g in (None, -1) or g >= n else g
     static = act_order if static_groups is None else static_groups
     gam = (lambda j: None) if gamma is None else (lambda j: gamma[..., j:j + 1])
-    if g is None:
-        params = [grid.fit(W, gam(0))]
-    elif static:
-        params = [grid.fit(W[:, j:j + g], gam(j // g)) for j in range(0, n, g)]
+    if g is None or static:
+        params = _static_params(W, grid, g, gam)
     else:
         params = []
         blocksize = g * max(1, blocksize // g)  # a group never straddles two blocks
@@ -75,6 +73,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, grid: "AffineGrid | CodebookGrid", *,
         Wt[i2:] -= Hinv[i1:i2, i2:].T @ Err1  # (in − i2, out): the block's error, lazily, to later columns
     Q = Q[torch.argsort(perm)].T.to(torch.uint8)  # (out, in), back to input order
     return (Q, *grid.stack(params))
+
+
+def _static_params(W: torch.Tensor, grid, g: int | None, gam) -> list:
+    """The grid's params fitted on the original W (out, in): one set per row (g None) or per group of g inputs."""
+    return [grid.fit(W, gam(0))] if g is None else [grid.fit(W[:, j:j + g], gam(j // g)) for j in range(0, W.shape[1], g)]
 
 
 def _ordered(W: torch.Tensor, H: torch.Tensor, act_order: bool, percdamp: float):
@@ -115,7 +118,7 @@ def gptq_nested(W: torch.Tensor, H: torch.Tensor, grid: AffineGrid, *, blocksize
     g = grid.spec.group_size
     g = None if g in (None, -1) or g >= n else g
     gam = (lambda j: None) if gamma is None else (lambda j: gamma[..., j:j + 1])
-    params = [grid.fit(W, gam(0))] if g is None else [grid.fit(W[:, j:j + g], gam(j // g)) for j in range(0, n, g)]
+    params = _static_params(W, grid, g, gam)
     W, Hinv, perm = _ordered(W, H, act_order, percdamp)
     Wt = W.T.contiguous().unsqueeze(0).repeat(K, 1, 1)  # (K, in, out): width k's compensated copy
     del W  # memory: the caller's W + K copies + the codes (bench/scale.py counts K + 3 with the transient)
