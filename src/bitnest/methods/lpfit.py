@@ -27,6 +27,7 @@ class LpFitConfig(QuantConfig):
     update_scale: bool = True  # False: move z only, α stays the clip-searched MinMax one (HQQ's update)
     clips: tuple[float, ...] = DEFAULT_CLIPS  # clip ratios of the MinMax range tried as starting points
     l2_guard: bool = True  # accept a candidate only if its ℓ2 error is ≤ MinMax's (never worse than RTN in ℓ2)
+    magnitude_weight: float = 0.25  # each weight's error counts σ_group + t·|w| (0: all alike); see grids/lpfit.py
     nested: bool = False  # store parent_bits-bit codes fitted for every slice width (Matryoshka), serve `bits`
     parent_bits: int = 8
     widths: tuple[int, ...] = (8, 4, 3, 2)  # nested: the slice widths the fit is scored on
@@ -39,6 +40,8 @@ class LpFitConfig(QuantConfig):
             raise BitnestError(f"lpfit needs 0 < p <= 2, got p={self.p}")
         if self.beta <= 0 or self.kappa < 1 or self.iters < 0:
             raise BitnestError(f"lpfit needs beta > 0, kappa >= 1, iters >= 0, got {self.beta}, {self.kappa}, {self.iters}")
+        if self.magnitude_weight < 0:
+            raise BitnestError(f"lpfit needs magnitude_weight >= 0, got {self.magnitude_weight}")
         if not self.clips or not all(0 < c <= 1 for c in self.clips):
             raise BitnestError(f"lpfit clip ratios must be in (0, 1], got {self.clips}")
         if self.nested:
@@ -53,7 +56,8 @@ class LpFitConfig(QuantConfig):
 
     def fit_options(self) -> dict:
         kw = dict(p=self.p, beta=self.beta, kappa=self.kappa, iters=self.iters, update_scale=self.update_scale,
-                  clips=self.clips, l2_guard=self.l2_guard)
+                  clips=self.clips, l2_guard=self.l2_guard,
+                  magnitude_weight=self.magnitude_weight)
         if self.nested:
             kw.update(widths=self.widths, lambdas=self.lambdas or None, normalize=self.normalize)
         return kw
