@@ -2,6 +2,7 @@
 
     python bench/datafree.py [--limit 64] [--models ref-10m,stories260K] [--bits 2,3,4] [--data-dir DIR]
     python bench/datafree.py --quick          # smoke run (2 windows, 2 bits, stories260K; writes nothing)
+    python bench/datafree.py --bits 3 --limit 0 --no-nested --name datafree_whole   # 3 bits on the whole texts
 
 Rows per model, every Linear of the decoder blocks (FFN + attention), asymmetric grids, per output channel and
 groups of 64 (where 64 divides every layer's inputs; stories260K's 172-wide FFN admits none), at 2, 3 and 4 bits:
@@ -114,7 +115,7 @@ def datafree_rows(model_name: str, *, bits=(2, 3, 4), groups=(None, 64), slices=
             if hq is not None:
                 for d in TEXTS:
                     r[f"vs_hqq_opt_{d}"] = _ci(r, hq, d)
-        for method, kw in (("sliced", {}), ("lpfit_nested", {**opts, "nested": True})):
+        for method, kw in (("sliced", {}), ("lpfit_nested", {**opts, "nested": True})) if slices else ():
             with Timer() as t:
                 parent = quantize(copy.deepcopy(fp), "sliced" if method == "sliced" else "lpfit", bits=8, group_size=g,
                                   progress=False, **kw)
@@ -186,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="lpfit option (both variants)")
     ap.add_argument("--quick", action="store_true", help="smoke run: stories260K, 2 windows, 2 bits; writes nothing")
+    ap.add_argument("--no-nested", action="store_true", help="skip the int8 parents served by slicing")
+    ap.add_argument("--name", default="datafree", help="results file bench/results/NAME.json and BENCHMARKS.md section")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -201,16 +204,16 @@ def main(argv=None) -> int:
     rows = []
     for name in models:
         rows += datafree_rows(name, bits=bits, limit=limit, data_dir=a.data_dir, lpfit_options=opts,
-                              slices=(8, 4, 3, 2) if not a.quick else (2,), log=lambda s: print(s, flush=True))
+                              slices=() if a.no_nested else (8, 4, 3, 2) if not a.quick else (2,), log=lambda s: print(s, flush=True))
     minutes = (time.perf_counter() - t0) / 60
     text = table(rows)
     checks = verdict(rows)
     print("\n" + text + "\n\n" + "\n".join(checks) + f"\n\nrun time {minutes:.1f} min")
     if a.no_write:
         return 0
-    write_json("datafree.json", rows)
+    write_json(f"{a.name}.json", rows)
     note = (f"No calibration data. Every Linear of the decoder blocks (FFN + attention), asymmetric grids; embeddings "
-            f"and lm_head unquantized. Evaluation: the first {limit or 'all'} windows of WikiText-2 test and of C4 held-out "
+            f"and lm_head unquantized. Evaluation: {f'the first {limit} windows' if limit else 'every window'} of WikiText-2 test and of C4 held-out "
             "(rows 1800–1999) at each model's training context, the same windows for every row. ΔNLL (nats/token) vs FP "
             "with a paired bootstrap 95 % interval over those windows (2000 resamples); the last two interval columns "
             "compare lpfit with HQQ's optimizer at the same bits and granularity (negative = lpfit better; **better** / "
@@ -222,7 +225,8 @@ def main(argv=None) -> int:
             "weighted by σ_group + 0.25·|w|). `sliced` / `lpfit_nested` = one int8 checkpoint served at 8/4/3/2 by "
             "MatQuant slicing (quant s = the int8 fit, once). stories260K is a "
             f"TinyStories model (both texts out of domain; widths 64/172 admit no group of 64). Run time {minutes:.1f} min.\n")
-    write_section("datafree", header("Data-free grids: lpfit vs HQQ's optimizer", note) + "\n" + text + "\n\n"
+    title = "Data-free grids: lpfit vs HQQ's optimizer" + ("" if a.name == "datafree" else f" ({a.name})")
+    write_section(a.name, header(title, note) + "\n" + text + "\n\n"
                   + "\n".join(f"- {c}" for c in checks))
     return 0
 
