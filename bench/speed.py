@@ -541,8 +541,8 @@ def _side_by_side(model, paths: dict, n_new: int, vocab: int, dtype, repeats: in
             st.append(_decode(alone, n_new, vocab)["decode_tok_s"])
         del alone
         gc.collect()
-        out.append({"to": int(r), "switched_tok_s": statistics.median(sw), "standalone_tok_s": statistics.median(st),
-                    "ratio": statistics.median(sw) / statistics.median(st)})
+        sw, st = statistics.median(sw), statistics.median(st)
+        out.append({"to": int(r), "switched_tok_s": sw, "standalone_tok_s": st, "ratio": sw / st})
     return out
 
 

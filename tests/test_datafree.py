@@ -27,10 +27,10 @@ def W():
 def _err(W, Wh, imp=None):
     """(ℓ0.7, ℓ2) error, each weight's term times imp (R, G, g) when given."""
     e = (W - Wh).abs()
-    if imp is not None:
-        e, imp = grouped(e, imp.shape[-1]), imp
-        return (e.pow(0.7) * imp).sum().item(), (e.pow(2) * imp).sum().item()
-    return e.pow(0.7).sum().item(), e.pow(2).sum().item()
+    if imp is None:
+        return e.pow(0.7).sum().item(), e.pow(2).sum().item()
+    e = grouped(e, imp.shape[-1])  # (R, G, g) like imp
+    return (e.pow(0.7) * imp).sum().item(), (e.pow(2) * imp).sum().item()
 
 
 def _deq(W, spec, a, z):

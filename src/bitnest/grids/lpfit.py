@@ -151,8 +151,8 @@ def fit_lp(W: torch.Tensor, spec: AffineSpec, *, p: float = 0.7, beta: float = 1
         lam = tuple(float(x) for x in (lambdas or [1.0] * len(widths)))
         lam_p = lam_2 = lam
     if widths is not None and normalize:  # each width by its error on the plain MinMax parent
-        e_p = [float(_errors(Wg, spec, a0, z0, p, (r,), (1.0,), (1.0,), imp)[0].sum()) for r in widths]
-        e_2 = [float(_errors(Wg, spec, a0, z0, p, (r,), (1.0,), (1.0,), imp)[1].sum()) for r in widths]
+        e = [_errors(Wg, spec, a0, z0, p, (r,), (1.0,), (1.0,), imp) for r in widths]  # (ℓp, ℓ2) per width
+        e_p, e_2 = [float(x[0].sum()) for x in e], [float(x[1].sum()) for x in e]
         lam_p = tuple(l / max(e, 1e-30) for l, e in zip(lam, e_p))
         lam_2 = tuple(l / max(e, 1e-30) for l, e in zip(lam, e_2))
     best_p, l2_cap = _errors(Wg, spec, a0, z0, p, widths, lam_p, lam_2, imp)
