@@ -85,7 +85,13 @@ def test_affine_fast_equals_reference(simd, c):
 @pytest.mark.parametrize("group_size", [None, 32, 64, 128, 256, 512])
 def test_bf16_pair_kernels_equal_reference(bits, group_size):
     """bf16 activations at b = 1, 2, 4 on blocks that tile (K a multiple of 16·32/b): the vdpbf16ps pair kernels
-    where the CPU has AVX512-BF16 (both halves of every dword, every group layout, 1–16 rows)."""
+    where the CPU has AVX512-BF16 (both halves of every dword, every group layout, 1–16 rows; the look-up-table
+    kernel off, so every row takes them)."""
+    with cpu.lut_max_batch(0):
+        _bf16_pairs(bits, group_size)
+
+
+def _bf16_pairs(bits, group_size):
     g = torch.Generator().manual_seed(bits * 1000 + (group_size or 0))
     for n_in, m in ((1024, 1), (512, 5), (2048, 16)):
         if group_size and group_size > n_in:
@@ -136,8 +142,55 @@ def test_sign_fast_equals_reference(simd, n_in, out, m, has_g, h_kind, post_ln, 
     p = kernels.Sign(q, n_in, gv, h, post_ln)
     x = _x(g, m, n_in, dtype)
     W = reference.unpack_signs(q, n_in) * (1 if gv is None else gv.float()) * h.float()[:, None]
-    assert_close(kernels.linear(x, p), reference.sign_packed_linear(x.float(), p), dtype, what="sign",
-                 scale=None if post_ln else condition(x, W))
+    for lut in (0, 16):  # the split/pair kernels on every row, then the look-up-table kernel where it applies
+        with cpu.lut_max_batch(lut):
+            assert_close(kernels.linear(x, p), reference.sign_packed_linear(x.float(), p), dtype, what=f"sign lut={lut}",
+                         scale=None if post_ln else condition(x, W))
+
+
+@pytest.mark.skipif(not cpu.has_avx512(), reason="the look-up-table kernel is AVX-512 only")
+@given(st.sampled_from([1, 2, 4]), st.sampled_from([None, -1, 32, 64, 128, 256]), st.integers(1, 5),
+       st.integers(16, 70), st.sampled_from([1, 2, 3, 4, 5, 7, 16]), st.booleans(), st.booleans(), st.booleans(),
+       st.integers(0, 2**31 - 1))
+@settings(**SETTINGS)
+def test_lut_kernel_equals_reference_and_spread(bits, group_size, k, out, m, symmetric, sliced, extra, seed):
+    """The look-up-table kernel (16 output rows per vector, rows transposed in the kernel, tail rows by the
+    spread kernels): K from one dword to several 64-byte chunks with a partial last one, every group size, slices of
+    a wider parent, Extra Precision lists — equal to the reference and to the kernel it replaces."""
+    g = torch.Generator().manual_seed(seed)
+    if group_size in (None, -1):
+        n_in = 32 // bits * (k if seed % 2 else 16 * k + 1)  # whole dwords: 1–5, or 17–81 (a partial 64-byte chunk)
+    else:
+        n_in = group_size * k
+    parent = 8 if sliced else bits
+    p = random_affine(g, out, n_in, bits, parent, group_size, symmetric and parent >= 2, extra=extra and bits < parent)
+    x = _x(g, m, n_in, torch.float32)
+    ref = reference.affine_linear(x, p)
+    cond = condition(x, reference.affine_weight(p))
+    with cpu.lut_max_batch(16, force=True):  # every width and batch, not only where it is the faster kernel
+        fast = kernels.linear(x, p)
+    with cpu.lut_max_batch(0):
+        spread = kernels.linear(x, p)
+    assert_close(fast, ref, what=f"lut b={bits} g={group_size} K={n_in} N={out} m={m}", scale=cond)
+    assert_close(fast, spread, what="lut vs spread", scale=cond)
+
+
+@pytest.mark.skipif(not cpu.has_avx512(), reason="the look-up-table kernel is AVX-512 only")
+@pytest.mark.parametrize("n_in", [512, 1056, 4096])
+def test_lut_sign_layers(n_in):
+    """OneBit / BitNet layers through the look-up-table kernel (centred tables: y = −2·acc, no group sums),
+    with and without g, with OneBit's LayerNorm, 50 rows (two 16-row sets, one, two tail rows), 1–16 activation rows."""
+    g = torch.Generator().manual_seed(n_in)
+    out = 50
+    q = pack(torch.randint(0, 2, (out, n_in), generator=g).to(torch.uint8), 1)
+    for gv, post_ln in ((_fp16(torch.rand(n_in, generator=g) + 0.5), False), (None, False), (None, True)):
+        p = kernels.Sign(q, n_in, gv, _fp16(torch.rand(out, generator=g) + 0.5), post_ln)
+        W = reference.unpack_signs(q, n_in) * (1 if gv is None else gv.float()) * p.h.float()[:, None]
+        for m in (1, 2, 16):
+            x = _x(g, m, n_in, torch.float32)
+            with cpu.lut_max_batch(16):
+                assert_close(kernels.linear(x, p), reference.sign_packed_linear(x, p), what=f"sign K={n_in} m={m}",
+                             scale=None if post_ln else condition(x, W))
 
 
 @st.composite
@@ -278,7 +331,8 @@ def test_layers_hold_no_dequantized_weight():
 def test_vector_kernels_on_tiling_layouts(bits, group_size):
     """Layouts whose codes tile the vector blocks of every ISA (K = 1536: a multiple of the AVX-512 and AVX2 block
     of each width), so the spread kernels run, not the fallbacks: fp32 and bf16 activations, 1–16 rows (every
-    pass of 8, 4, 2 and 1 rows), symmetric and asymmetric, sliced from a wider parent — against the reference."""
+    pass of 8, 4, 2 and 1 rows), symmetric and asymmetric, sliced from a wider parent, with the look-up-table kernel
+    off and on — against the reference."""
     from bitnest.kernels import cpu
     g = torch.Generator().manual_seed(bits * 1000 + (group_size or 0))
     for m in (1, 3, 7, 16):
@@ -290,8 +344,10 @@ def test_vector_kernels_on_tiling_layouts(bits, group_size):
                 x = _x(g, m, 1536, dtype)
                 assert kernels.path_for(x, p) == ("cpu" if cpu.available() else "reference")
                 ref = reference.affine_linear(x.float(), p)
-                assert_close(kernels.linear(x, p), ref, dtype, what=f"b={bits} g={group_size} m={m} sym={symmetric}",
-                             scale=condition(x, reference.affine_weight(p)))
+                for lut in (0, 16):  # the spread kernels on every row, then the look-up-table kernel where it applies
+                    with cpu.lut_max_batch(lut, force=bool(lut)):
+                        assert_close(kernels.linear(x, p), ref, dtype, scale=condition(x, reference.affine_weight(p)),
+                                     what=f"b={bits} g={group_size} m={m} sym={symmetric} lut={lut}")
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])

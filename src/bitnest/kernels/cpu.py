@@ -113,6 +113,21 @@ GEMV_MAX_ROWS = 16
 TILE_BYTES = 1 << 22
 
 
+@contextlib.contextmanager
+def lut_max_batch(m: int, force: bool = False):
+    """Within the block, the look-up-table kernel (AVX-512; sign and 1-bit layers at any batch, 2-bit layers from 8
+    rows, fp32 activations, or 16, bf16) serves batches of up to `m` rows (0: never; the spread kernels then). For
+    tests and benchmarks that compare the two. `force`: also where it is not the faster kernel (b = 2 at small
+    batches, b = 4), so tests check it on every width it computes."""
+    mod = ext()
+    old = mod.set_lut_max_batch(m, force) if mod is not None else None
+    try:
+        yield
+    finally:
+        if mod is not None:
+            mod.set_lut_max_batch(old, False)
+
+
 def _simd() -> bool:
     return os.environ.get("BITNEST_CPU_SIMD", "1") != "0"
 

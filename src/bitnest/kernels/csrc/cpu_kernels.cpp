@@ -1285,6 +1285,188 @@ void extra_precision(const Affine& a, const float* X, int64_t M, float* Y, int64
     }
 }
 
+#if BITNEST_AVX512
+// ---- look-up-table kernel (T-MAC-style) for b = 1, 2, 4 at small batches ---------------------------------
+// Four stream bits of a row (one nibble: 4/b codes) index a 16-entry table of the partial sums they can select:
+//   T_m[p][e] = Σ_u (code_u(e) − c) x[m, p·n + u],   n = 4/b codes per nibble, c = (2^b − 1)/2 (centred: no
+// large offset to cancel; for sign layers c = z' = ½, so y = α·acc with no group-sum term).
+// Lanes are 16 *output rows*: 64 bytes of each of 16 rows are loaded and transposed (16 × 16 dwords, 64
+// shuffles), so dword c of row k lands in lane k of vector V_c; then nibble t of every lane is V_c >> 4t (vpermps
+// reads only the low 4 bits of each index) and one vpermps against table (8c + t) gives 16 rows' partial sums of
+// n weights: shift + look-up + add per 16·n weights, against the spread kernels' decode + FMA per 16 (sign layers:
+// a third of the work; see lut_use for where it wins). Rows stay in the checkpoint layout.
+// Fold per group: y += α'(acc + (c − z')S).
+std::atomic<int> g_lut_max_m{16};  // activation rows up to which the LUT kernel runs (0: never); set_lut_max_batch
+std::atomic<bool> g_lut_force{false};  // every width and batch lut_ok admits (tests: the kernel on b = 2, 4, 1 row)
+
+bool lut_ok(const Affine& a) {
+  return (a.b == 1 || a.b == 2 || a.b == 4) && a.N >= 16 && (a.K * a.b) % 32 == 0 && (a.gsz * a.b) % 32 == 0;
+}
+
+// Where it is the faster kernel (Zen 4, 4096², interleaved A/B, LUT ÷ spread time): b = 1 at every batch (fp32
+// activations: 0.66 at 1 row, 0.37 at 16; bf16 0.90 / 0.28); b = 2 only for larger batches (1 row 1.14 fp32 / 2.12
+// bf16, 8 rows 0.96 / 1.44, 16 rows 0.63 / 0.78); b = 4 never (1.3–2.8: one look-up per weight is no cheaper
+// than one FMA). `bf16`: the activations came as bf16, so the pair kernels are the alternative.
+bool lut_use(const Affine& a, int64_t M, bool bf16) {
+  if (M > g_lut_max_m.load() || !lut_ok(a)) return false;
+  if (a.b == 1 || g_lut_force.load()) return true;
+  return a.b == 2 && M >= (bf16 ? 16 : 8);
+}
+
+// T (M, K·b/4, 16): the tables of every activation row (rows in parallel)
+std::vector<float> lut_tables(const float* X, int64_t M, int64_t K, int b) {
+  const int n = 4 / b, mask = (1 << b) - 1;
+  const int64_t P = K * b / 4;
+  const float c = 0.5f * static_cast<float>(mask);
+  alignas(64) float coef[4][16];
+  for (int u = 0; u < n; ++u)
+    for (int e = 0; e < 16; ++e) coef[u][e] = static_cast<float>((e >> (u * b)) & mask) - c;
+  __m512 C[4];
+  for (int u = 0; u < n; ++u) C[u] = _mm512_load_ps(coef[u]);
+  std::vector<float> T(M * P * 16);
+  at::parallel_for(0, M * P, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {  // r = m·P + p
+      const float* x = X + (r / P) * K + (r % P) * n;
+      __m512 t = _mm512_mul_ps(C[0], _mm512_set1_ps(x[0]));
+      for (int u = 1; u < n; ++u) t = _mm512_fmadd_ps(C[u], _mm512_set1_ps(x[u]), t);
+      _mm512_storeu_ps(T.data() + r * 16, t);
+    }
+  });
+  return T;
+}
+
+// r[k] (dwords of row k) -> r[c] (dword c of rows 0..15): 4 rounds of 16 shuffles
+BN_INLINE void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  __m512i u[16];  // u[4g + s], 128-bit lane L: rows 4g..4g+3 of dword 4L + s
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int s = 0; s < 4; ++s) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[s], u[4 + s], 0x88), w0 = _mm512_shuffle_i32x4(u[s], u[4 + s], 0xDD);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[8 + s], u[12 + s], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + s], u[12 + s], 0xDD);
+    r[s] = _mm512_shuffle_i32x4(v0, v1, 0x88);
+    r[8 + s] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
+    r[4 + s] = _mm512_shuffle_i32x4(w0, w1, 0x88);
+    r[12 + s] = _mm512_shuffle_i32x4(w0, w1, 0xDD);
+  }
+}
+
+// Activation rows m0 .. m0 + MB − 1 against H transposed 16-row sets V[h·VS ..] (H = 2: each table load serves two
+// look-ups; the tables stream from L2 and were the limit at H = 1). A accumulators per row hide the add latency;
+// the fold at every group end adds α'·acc + α'(c − z')·S.
+template <int MB, int A, int H>
+BN_INLINE void lut_pass(const __m512i* V, int64_t VS, int64_t F, const float* T, int64_t P, const float* S, int64_t G,
+                        const __m512* alpha, const __m512* bterm, int64_t m0, __m512 (&y)[H][4]) {
+  __m512 acc[H][MB][A];
+  for (int h = 0; h < H; ++h)
+    for (int m = 0; m < MB; ++m) {
+      y[h][m] = _mm512_setzero_ps();
+      for (int k = 0; k < A; ++k) acc[h][m][k] = _mm512_setzero_ps();
+    }
+  const float* Tm = T + m0 * P * 16;
+  for (int64_t g = 0; g < G; ++g) {  // (no per-dword modulo: a 64-bit division per dword cost more than its look-ups)
+    for (int64_t w = g * F; w < (g + 1) * F; ++w) {
+      __m512i v[H];
+      for (int h = 0; h < H; ++h) v[h] = _mm512_loadu_si512(V + h * VS + w);
+      const float* tw = Tm + w * 128;
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t)
+        for (int m = 0; m < MB; ++m) {
+          const __m512 tab = _mm512_loadu_ps(tw + m * P * 16 + t * 16);
+          for (int h = 0; h < H; ++h) {
+            const __m512i idx = t ? _mm512_srli_epi32(v[h], 4 * t) : v[h];  // (the compiler keeps one per t)
+            acc[h][m][t % A] = _mm512_add_ps(acc[h][m][t % A], _mm512_permutexvar_ps(idx, tab));
+          }
+        }
+    }
+    for (int h = 0; h < H; ++h)
+      for (int m = 0; m < MB; ++m) {
+        const __m512 s = sum_vectors(acc[h][m], A);
+        y[h][m] = _mm512_fmadd_ps(alpha[h * G + g], s,
+                                  _mm512_fmadd_ps(bterm[h * G + g], _mm512_set1_ps(S[(m0 + m) * G + g]), y[h][m]));
+        for (int k = 0; k < A; ++k) acc[h][m][k] = _mm512_setzero_ps();
+      }
+  }
+}
+
+// 16 rows from `base` -> V (NCH·16 vectors, dword w of the 16 rows in V[w]) and their α', α'(c − z') per group
+struct LutBlock {
+  const Affine& a;
+  int64_t NCH, G, tail;
+  __mmask64 tmask;
+  float c;
+  std::vector<float> al, zt;
+  LutBlock(const Affine& aff) : a(aff), NCH((aff.row_bytes + 63) / 64), G(aff.groups()),
+      tail(aff.row_bytes - (NCH - 1) * 64), tmask(tail >= 64 ? ~0ULL : ((1ULL << tail) - 1ULL)),
+      c(0.5f * static_cast<float>((1 << aff.b) - 1)), al(16 * G + 16), zt(16 * G + 16) {}
+  void load(int64_t i, int64_t ahead, __m512i* V, __m512* alpha, __m512* bterm) {
+    const uint8_t* base = a.row(i);
+    for (int64_t ch = 0; ch < NCH; ++ch) {
+      __m512i r[16];
+      for (int k = 0; k < 16; ++k) {  // a last chunk reads into the next row (never looked up); masked at the end
+        const uint8_t* src = base + k * a.row_bytes + ch * 64;
+        r[k] = load64(src, tmask, a.end());
+        if (ahead) _mm_prefetch(reinterpret_cast<const char*>(src + ahead * a.row_bytes), BN_PFH);  // the next block
+      }
+      transpose16(r);
+      for (int k = 0; k < 16; ++k) V[ch * 16 + k] = r[k];
+    }
+    for (int k = 0; k < 16; ++k) row_params(a, i + k, -c, al.data() + k * G, zt.data() + k * G);  // zt = α'(z' − c)
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(G)));
+    for (int64_t g = 0; g < G; ++g) {  // lane k: row i + k
+      alpha[g] = _mm512_i32gather_ps(rows, al.data() + g, 4);
+      bterm[g] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_i32gather_ps(rows, zt.data() + g, 4));
+    }
+  }
+};
+
+template <int H>
+void lut_run(LutBlock& lb, const __m512i* V, int64_t VS, const float* T, int64_t M, const float* S, const __m512* alpha,
+             const __m512* bterm, float* Y, int64_t i) {
+  const Affine& a = lb.a;
+  const int64_t F = a.gsz * a.b / 32, G = lb.G, P = a.K * a.b / 4;
+  int64_t m0 = 0;
+  __m512 y[H][4];
+  auto store = [&](int mb) {
+    for (int h = 0; h < H; ++h)
+      for (int m = 0; m < mb; ++m) _mm512_storeu_ps(Y + (m0 + m) * a.N + i + 16 * h, y[h][m]);
+    m0 += mb;
+  };
+  for (; m0 + 4 <= M;) { lut_pass<4, 1, H>(V, VS, F, T, P, S, G, alpha, bterm, m0, y); store(4); }
+  if (m0 + 2 <= M) { lut_pass<2, 2, H>(V, VS, F, T, P, S, G, alpha, bterm, m0, y); store(2); }
+  if (m0 < M) { lut_pass<1, 4, H>(V, VS, F, T, P, S, G, alpha, bterm, m0, y); store(1); }
+}
+
+// Rows [i0, i1) (whole blocks of 16) of y = x Ŵᵀ through the tables T: pairs of 16-row sets, then one set
+void lut_rows(const Affine& a, const float* T, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
+  LutBlock lb(a);
+  const int64_t VS = lb.NCH * 16, G = lb.G;
+  std::vector<__m512i> V(2 * VS);
+  std::vector<__m512> alpha(2 * G), bterm(2 * G);
+  int64_t i = i0;
+  for (; i + 32 <= i1; i += 32) {
+    const int64_t ahead = i + 64 <= i1 ? 32 : 0;
+    lb.load(i, ahead, V.data(), alpha.data(), bterm.data());
+    lb.load(i + 16, ahead, V.data() + VS, alpha.data() + G, bterm.data() + G);
+    lut_run<2>(lb, V.data(), VS, T, M, S, alpha.data(), bterm.data(), Y, i);
+  }
+  if (i < i1) {
+    lb.load(i, 0, V.data(), alpha.data(), bterm.data());
+    lut_run<1>(lb, V.data(), VS, T, M, S, alpha.data(), bterm.data(), Y, i);
+  }
+}
+
+#endif
+
 // y (M, N) fp32 for activations X (M, K) fp32, contiguous; `xbf`, when defined, the same activations in bf16
 // (they were bf16 to begin with), which the b = 1, 2, 4 kernels multiply in pairs
 Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xbf = Tensor(), bool split = false) {
@@ -1294,7 +1476,17 @@ Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xb
   float* Y = y.data_ptr<float>();
   const std::vector<float> S = group_sums(X, M, K, a.gsz);
   const bool vec = simd && a.simd_ok();
+  int64_t done = 0;  // rows [0, done) computed by the LUT kernel
 #if BITNEST_AVX512
+  if (simd && lut_use(a, M, xbf.defined())) {
+    const std::vector<float> T = lut_tables(X, M, K, a.b);
+    done = a.N / 16 * 16;
+    parallel_rows(0, done / 16, min_rows(16 * K * M), [&](int64_t b0, int64_t b1) {
+      lut_rows(a, T.data(), M, S.data(), Y, 16 * b0, 16 * b1);
+      extra_precision(a, X, M, Y, 16 * b0, 16 * b1);
+    });
+    if (done == a.N) return y;
+  }
   const bool sw = vec && affine_spread_ok(a);
   const bool pair = BN_PAIR && sw && xbf.defined() && (a.b == 1 || a.b == 2 || a.b == 4);
   const bool spl = BN_PAIR && BN_SPLIT && sw && !pair && split && a.b == 1;
@@ -1308,7 +1500,7 @@ Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xb
   const bool sw = simd && avx2::affine_ok(a);
   const std::vector<float> XP = sw ? avx2::spread_x(X, M, K, avx2::nd(a.b), a.b) : std::vector<float>();
 #endif
-  parallel_rows(0, a.N, min_rows(K * M), [&](int64_t i0, int64_t i1) {
+  parallel_rows(done, a.N, min_rows(K * M), [&](int64_t i0, int64_t i1) {
 #if BITNEST_AVX2
     if (sw) avx2::affine_spread(a, XP.data(), M, S.data(), Y, i0, i1);
     else
@@ -1805,6 +1997,18 @@ Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool c
   return out;
 }
 
+// Activation rows up to which the look-up-table kernel runs (0: never; no effect without AVX-512); `force`: on every
+// width and batch it can compute, not only where it is the faster kernel. Returns the previous row limit. Tests
+// run both kernels through it; benches compare them.
+int64_t set_lut_max_batch(int64_t m, bool force) {
+#if BITNEST_AVX512
+  g_lut_force.store(force);
+  return g_lut_max_m.exchange(static_cast<int>(m));
+#else
+  return 0;
+#endif
+}
+
 bool has_avx512() { return BITNEST_AVX512; }
 // The vector path this build uses: "avx512", "avx2" or "portable"
 std::string isa() { return BITNEST_AVX512 ? "avx512" : BITNEST_AVX2 ? "avx2" : "portable"; }
@@ -1852,6 +2056,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear);
   m.def("int8_requantize", &int8_requantize);
   m.def("slice_pack", &slice_pack);
+  m.def("set_lut_max_batch", &set_lut_max_batch);
   m.def("has_avx512", &has_avx512);
   m.def("isa", &isa);
   m.def("stream_read", &stream_read);
