@@ -193,6 +193,22 @@ def test_lut_sign_layers(n_in):
                              scale=None if post_ln else condition(x, W))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiled_prefill_over_several_tiles(monkeypatch, dtype):
+    """Batches above GEMV_MAX_ROWS multiply dequantized tiles; with a small TILE_BYTES a layer spans several tiles
+    and a partial last one (the default 16 MB covers the small layers of the other tests in one)."""
+    monkeypatch.setattr(cpu, "TILE_BYTES", 16 * 256 * 4)  # 16 fp32 rows of K = 256 per tile
+    g = torch.Generator().manual_seed(7)
+    for p in (random_affine(g, 70, 256, 4, 8, 64, False),
+              kernels.Sign(pack(torch.randint(0, 2, (70, 256), generator=g).to(torch.uint8), 1), 256, None,
+                           _fp16(torch.rand(70, generator=g) + 0.5), False)):
+        x = _x(g, 40, 256, dtype)
+        ref = (reference.affine_linear(x.float(), p) if isinstance(p, kernels.Affine)
+               else reference.sign_packed_linear(x.float(), p))
+        W = reference.affine_weight(p) if isinstance(p, kernels.Affine) else reference.unpack_signs(p.qweight, 256) * p.h.float()[:, None]
+        assert_close(kernels.linear(x, p), ref, dtype, what=f"tiled {type(p).__name__}", scale=condition(x, W))
+
+
 @st.composite
 def codebook_case(draw):
     bits = draw(st.integers(1, 8))
