@@ -123,12 +123,12 @@ def lut_max_batch(m: int, force: bool = False):
     tests and benchmarks that compare the two. `force`: also where it is not the faster kernel (b = 2 at small
     batches, b = 4), so tests check it on every width it computes."""
     mod = ext()
-    old = mod.set_lut_max_batch(m, force) if mod is not None else None
+    old = mod.set_lut_max_batch(m, force) if mod is not None else None  # (limit, force) before
     try:
         yield
     finally:
         if mod is not None:
-            mod.set_lut_max_batch(old, False)
+            mod.set_lut_max_batch(*old)
 
 
 def _simd() -> bool:

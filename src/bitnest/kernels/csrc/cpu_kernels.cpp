@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -1324,12 +1325,13 @@ std::vector<float> lut_tables(const float* X, int64_t M, int64_t K, int b) {
   __m512 C[4];
   for (int u = 0; u < n; ++u) C[u] = _mm512_load_ps(coef[u]);
   std::vector<float> T(M * P * 16);
-  at::parallel_for(0, M * P, 1024, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {  // r = m·P + p
-      const float* x = X + (r / P) * K + (r % P) * n;
+  at::parallel_for(0, M * P, 1024, [&](int64_t r0, int64_t r1) {  // r = m·P + p
+    for (int64_t m = r0 / P, p = r0 % P, r = r0; r < r1; ++r) {  // (m, p) stepped, not divided per entry
+      const float* x = X + m * K + p * n;
       __m512 t = _mm512_mul_ps(C[0], _mm512_set1_ps(x[0]));
       for (int u = 1; u < n; ++u) t = _mm512_fmadd_ps(C[u], _mm512_set1_ps(x[u]), t);
       _mm512_storeu_ps(T.data() + r * 16, t);
+      if (++p == P) { p = 0; ++m; }
     }
   });
   return T;
@@ -1360,8 +1362,8 @@ BN_INLINE void transpose16(__m512i (&r)[16]) {
 }
 
 // Activation rows m0 .. m0 + MB − 1 against H transposed 16-row sets V[h·VS ..] (H = 2: each table load serves two
-// look-ups; the tables stream from L2 and were the limit at H = 1). A accumulators per row hide the add latency;
-// the fold at every group end adds α'·acc + α'(c − z')·S.
+// look-ups; H = 4 measured no faster). A accumulators per row hide the add latency; the fold at every group end adds
+// α'·acc + α'(c − z')·S.
 template <int MB, int A, int H>
 BN_INLINE void lut_pass(const __m512i* V, int64_t VS, int64_t F, const float* T, int64_t P, const float* S, int64_t G,
                         const __m512* alpha, const __m512* bterm, int64_t m0, __m512 (&y)[H][4]) {
@@ -1400,12 +1402,12 @@ BN_INLINE void lut_pass(const __m512i* V, int64_t VS, int64_t F, const float* T,
 // 16 rows from `base` -> V (NCH·16 vectors, dword w of the 16 rows in V[w]) and their α', α'(c − z') per group
 struct LutBlock {
   const Affine& a;
-  int64_t NCH, G, tail;
-  __mmask64 tmask;
+  int64_t NCH, G;
+  __mmask64 tmask;  // the bytes of a row's last 64-byte chunk
   float c;
   std::vector<float> al, zt;
   LutBlock(const Affine& aff) : a(aff), NCH((aff.row_bytes + 63) / 64), G(aff.groups()),
-      tail(aff.row_bytes - (NCH - 1) * 64), tmask(tail >= 64 ? ~0ULL : ((1ULL << tail) - 1ULL)),
+      tmask(aff.row_bytes % 64 ? (1ULL << (aff.row_bytes % 64)) - 1ULL : ~0ULL),
       c(0.5f * static_cast<float>((1 << aff.b) - 1)), al(16 * G + 16), zt(16 * G + 16) {}
   void load(int64_t i, int64_t ahead, __m512i* V, __m512* alpha, __m512* bterm) {
     const uint8_t* base = a.row(i);
@@ -1998,14 +2000,14 @@ Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool c
 }
 
 // Activation rows up to which the look-up-table kernel runs (0: never; no effect without AVX-512); `force`: on every
-// width and batch it can compute, not only where it is the faster kernel. Returns the previous row limit. Tests
+// width and batch it can compute, not only where it is the faster kernel. Returns the previous (limit, force). Tests
 // run both kernels through it; benches compare them.
-int64_t set_lut_max_batch(int64_t m, bool force) {
+std::tuple<int64_t, bool> set_lut_max_batch(int64_t m, bool force) {
 #if BITNEST_AVX512
-  g_lut_force.store(force);
-  return g_lut_max_m.exchange(static_cast<int>(m));
+  const bool was = g_lut_force.exchange(force);
+  return {g_lut_max_m.exchange(static_cast<int>(m)), was};
 #else
-  return 0;
+  return {0, false};
 #endif
 }
 
