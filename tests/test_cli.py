@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bitnest.cli import main
+from conftest import needs_tokenizer
 
 
 def run(capsys, *argv):
@@ -63,6 +64,8 @@ def test_bad_models_one_line_no_output(capsys, bad_models, tmp_path, case, needl
     (["--method", "matgptq", "--bits", "8,4", "--lambdas", "1,2,3"], "lambdas for 2 precisions"),
 ])
 def test_bad_options_one_line(capsys, tiny_llama_dir, tmp_path, argv, needle):
+    if "--calib-data" in argv and argv[argv.index("--calib-data") + 1] != "self":
+        needs_tokenizer(tiny_llama_dir)  # a text file is read with the model's tokenizer first
     out = tmp_path / "out"
     code, _, err = run(capsys, "quantize", "--model", str(tiny_llama_dir), "--out", str(out), "--no-progress", *argv)
     assert code == 2 and err.count("\n") == 1 and needle in err, err

@@ -16,6 +16,7 @@ from bitnest.formats.checkpoint import load_quantized, save_quantized
 from bitnest.generate import generate
 from bitnest.models.hf import load_model
 from bitnest.nn.qlinear import QuantLinear
+from conftest import needs_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,7 @@ def test_greedy_decoding_same_tokens_fast_and_reference(ref10m_sliced):
 
 
 def test_generate_cli_streams_switches_and_refuses(nested_ckpt, capsys, monkeypatch):
+    needs_tokenizer(nested_ckpt)
     assert main(["generate", "--model", str(nested_ckpt), "--bits", "2", "--prompt", "hello", "--max-new-tokens", "8",
                  "--json", "--dtype", "float32"]) == 0
     out = json.loads(capsys.readouterr().out)
