@@ -81,10 +81,10 @@ def test_affine_fast_equals_reference(simd, c):
     assert_close(kernels.linear(x, p), ref, c["dtype"], what=str(c), scale=condition(x, reference.affine_weight(p)))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("group_size", [None, 32, 64, 128, 256, 512])
 def test_bf16_pair_kernels_equal_reference(bits, group_size):
-    """bf16 activations at b = 1, 2, 4 on blocks that tile (K a multiple of 16·32/b): the vdpbf16ps pair kernels
+    """bf16 activations at b = 1–4 on blocks that tile (K a multiple of 16·32/b, 128 for b = 3): the vdpbf16ps pair kernels
     where the CPU has AVX512-BF16 (both halves of every dword, every group layout, 1–16 rows; the look-up-table
     kernel off, so every row takes them)."""
     with cpu.lut_max_batch(0):

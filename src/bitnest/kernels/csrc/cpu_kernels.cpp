@@ -454,9 +454,12 @@ struct Spread {
 
 #if defined(__AVX512BF16__)
 #define BN_PAIR 1
-// bf16 activations, b = 1, 2, 4: two codes of a dword, P and P + ND/2 (16 bits apart), become a pair of bf16 with
-// one shift and one ternary-logic op (code at bits 7−b..6 of each half, exponent 127 + b: exactly 2^b + q, which
-// bf16's 8-bit significand holds for b ≤ 7), and one vdpbf16ps multiplies 32 of them with 32 bf16 activations.
+// bf16 activations, b = 1, 2, 3, 4: two codes of a dword, P and P + ND/2, become a pair of bf16 (code at bits
+// 7−b..6 of each half, exponent 127 + b: exactly 2^b + q, which bf16's 8-bit significand holds for b ≤ 7) and one
+// vdpbf16ps multiplies 32 of them with 32 bf16 activations. b = 1, 2, 4: the two codes lie 16 bits apart, so one
+// shift and one ternary-logic op make the pair. b = 3: a dword holds 8 codes in 24 bits (vpermb, as Spread<3>), P
+// and P + 4 lie 12 bits apart, so vpmultishiftqb moves each into place (a byte of a qword = the 8 bits from any
+// offset of it, rotating) and the same ternary-logic op finishes: still two instructions per 32 weights.
 // Products of two bf16 are exact in fp32 and are summed in fp32 (denormals flushed), so the result equals the
 // fp32 kernel's on the same (bf16) activations up to summation order — with half the decode and FMA work.
 // SPLIT: fp32 activations as two bf16, x ≈ hi + lo (both rounded to nearest: |x − hi − lo| ≤ 2^−18 |x|), each
@@ -465,24 +468,48 @@ struct Spread {
 // amplifies it at most 3×).
 template <int B, bool SPLIT = false>
 struct SpreadPair {
-  static_assert(B == 1 || B == 2 || B == 4, "pairs 16 bits apart: b = 1, 2, 4");
-  static constexpr int ND = 32 / B;
-  static constexpr int BYTES = 64;
+  static_assert(B >= 1 && B <= 4, "pairs: b = 1, 2, 3, 4");
+  static constexpr bool PERM = B == 3;
+  static constexpr int ND = (PERM ? 24 : 32) / B;
+  static constexpr int BYTES = PERM ? 48 : 64;
   static constexpr int E = 16 * ND;
   static constexpr int STEPS = ND / 2;
   static constexpr int XE = SPLIT ? E : E / 2;  // a block's bf16 activations (hi, lo when split), counted in floats
-  __m512i mask, expc;
+  __m512i mask, expc, perm;
+  __m512i ctrl[PERM ? ND / 2 : 1];  // b = 3: vpmultishiftqb offsets of step P
+  __mmask64 ld;
   const uint8_t* end;
   explicit SpreadPair(const uint8_t* buffer_end) : end(buffer_end) {
     const uint32_t m = ((1u << B) - 1u) << (7 - B), e = (127u + B) << 7;
     mask = _mm512_set1_epi32(static_cast<int>(m | (m << 16)));
     expc = _mm512_set1_epi32(static_cast<int>(e | (e << 16)));
+    alignas(64) uint8_t p[64];
+    for (int d = 0; d < 16; ++d)
+      for (int k = 0; k < 4; ++k) p[4 * d + k] = static_cast<uint8_t>(3 * d + std::min(k, 2));
+    perm = _mm512_load_si512(p);
+    ld = BYTES == 64 ? ~0ULL : ((1ULL << BYTES) - 1ULL);
+    for (int P = 0; P < (PERM ? ND / 2 : 0); ++P) {
+      alignas(64) uint8_t c[64];
+      for (int byte = 0; byte < 64; ++byte) {  // byte 4l + 2h (+1) of dword l of a qword: code P + 4h, at bits 4..6
+        const int lane = (byte / 4) % 2, half = (byte % 4) / 2;
+        c[byte] = static_cast<uint8_t>((32 * lane + 3 * (P + 4 * half) - (7 - B) + 64) % 64);
+      }
+      ctrl[P] = _mm512_load_si512(c);
+    }
   }
-  BN_INLINE __m512i block(const uint8_t* src) const { return load64(src, ~0ULL, end); }
+  BN_INLINE __m512i block(const uint8_t* src) const {
+    const __m512i raw = load64(src, ld, end);
+    return PERM ? _mm512_permutexvar_epi8(perm, raw) : raw;
+  }
   template <int P>
   BN_INLINE __m512 code(__m512i dw) const {
-    constexpr int sh = 7 - B - P * B;
-    const __m512i v = sh >= 0 ? _mm512_slli_epi32(dw, sh) : _mm512_srli_epi32(dw, -sh);
+    __m512i v;
+    if constexpr (PERM) {
+      v = _mm512_multishift_epi64_epi8(ctrl[P], dw);
+    } else {
+      constexpr int sh = 7 - B - P * B;
+      v = sh >= 0 ? _mm512_slli_epi32(dw, sh) : _mm512_srli_epi32(dw, -sh);
+    }
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, mask, expc, 0xEA));
   }
   template <int P>
@@ -640,6 +667,12 @@ BN_INLINE void spread_blocks(const D& d, const __m512i (&dw)[GU], const float* x
 #define BN_GU 2
 #endif
 
+#if BN_PAIR
+template <class SP> constexpr bool PAIR3 = std::is_same_v<SP, SpreadPair<3>>;
+#else
+template <class SP> constexpr bool PAIR3 = false;
+#endif
+
 template <class D>
 struct SpreadKernel {
   using SP = typename D::SP;
@@ -713,7 +746,9 @@ struct SpreadKernel {
   // the pass holds few activation rows (registers) and the tables are fixed per row
   template <int MB, int NU, bool PER_BLOCK>
   BN_INLINE void go(int64_t i, const float* XP, int64_t M, float* Y, int64_t m0, int64_t blk0, int64_t blk1) {
-    constexpr int GU = MB <= 2 && D::B == 4 ? BN_GU : 1;  // b = 3, 2: ±5 % either way (Zen 4), so not there
+    // b = 3, 2 with fp32 FMAs: ±5 % either way (Zen 4), so not there; b = 3 in pairs (4 vdpbf16ps per block):
+    // int3 g128 4096², bf16, batch 1: GU = 1 ran 1.14× the fp32-FMA kernel
+    constexpr int GU = MB <= 2 && (D::B == 4 || PAIR3<typename D::SP>) ? BN_GU : 1;
     const bool inter = GU > 1 && !d.tables_per_group();
     if (!whole && (PER_BLOCK || bpg == 1)) {
       if (inter) run<MB, NU, PER_BLOCK, 1, GU>(i, XP, M, Y, m0, blk0, blk1);
@@ -814,6 +849,7 @@ void affine_spread_pair(const Affine& a, const float* XP, int64_t M, const float
   switch (a.b) {
     case 1: go(AffineDec<1, SpreadPair<1>>(a)); break;
     case 2: go(AffineDec<2, SpreadPair<2>>(a)); break;
+    case 3: go(AffineDec<3, SpreadPair<3>>(a)); break;
     default: go(AffineDec<4, SpreadPair<4>>(a)); break;
   }
 }
@@ -1074,6 +1110,12 @@ BN_INLINE __m256 sum_vectors(const __m256 (&v)[NU]) {
   for (int u = 1; u < NU; ++u) s = _mm256_add_ps(s, v[u]);
   return s;
 }
+
+#if BN_PAIR
+template <class SP> constexpr bool PAIR3 = std::is_same_v<SP, SpreadPair<3>>;
+#else
+template <class SP> constexpr bool PAIR3 = false;
+#endif
 
 template <class D>
 struct SpreadKernel {
@@ -1470,7 +1512,7 @@ void lut_rows(const Affine& a, const float* T, int64_t M, const float* S, float*
 #endif
 
 // y (M, N) fp32 for activations X (M, K) fp32, contiguous; `xbf`, when defined, the same activations in bf16
-// (they were bf16 to begin with), which the b = 1, 2, 4 kernels multiply in pairs
+// (they were bf16 to begin with), which the b = 1–4 kernels multiply in pairs
 Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xbf = Tensor(), bool split = false) {
   const int64_t K = a.K, M = xf.size(0);
   Tensor y = at::empty({M, a.N}, xf.options());
@@ -1490,7 +1532,7 @@ Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xb
     if (done == a.N) return y;
   }
   const bool sw = vec && affine_spread_ok(a);
-  const bool pair = BN_PAIR && sw && xbf.defined() && (a.b == 1 || a.b == 2 || a.b == 4);
+  const bool pair = BN_PAIR && sw && xbf.defined() && a.b <= 4;
   const bool spl = BN_PAIR && BN_SPLIT && sw && !pair && split && a.b == 1;
   std::vector<float> XP;
 #if BN_PAIR
