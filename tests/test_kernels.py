@@ -193,6 +193,29 @@ def test_lut_sign_layers(n_in):
                              scale=None if post_ln else condition(x, W))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("group_size", [None, 32, 128])
+def test_weight_row_pairs_and_segments(bits, group_size):
+    """From 8 activation rows the spread kernels take weight rows in pairs against L2-sized K-segments: odd row counts
+    (a last unpaired row), 8–16 activation rows with a remainder of 1–7 (their own passes after the pairs), K over
+    several segments (16 rows: 4096 floats each) — affine (fp32 and bf16: the pair kernels) and codebook layers."""
+    g = torch.Generator().manual_seed(bits * 100 + (group_size or 0))
+    n_in, out = 3 * 3072, 7  # 9216: two segments and a partial third at 16 rows; every spread block width divides it
+    with cpu.lut_max_batch(0):
+        for m, dtype in ((8, torch.float32), (13, torch.bfloat16), (16, torch.float32), (16, torch.bfloat16)):
+            x = _x(g, m, n_in, dtype)
+            p = random_affine(g, out, n_in, bits, 8, group_size, False)
+            assert_close(kernels.linear(x, p), reference.affine_linear(x.float(), p), dtype, what=f"affine b={bits} m={m}",
+                         scale=condition(x, reference.affine_weight(p)))
+            if bits <= 4:
+                codes = torch.randint(0, 1 << bits, (out, n_in), generator=g).to(torch.uint8)
+                G = kernels.groups(n_in, group_size)[1]
+                c = kernels.Codebook(pack(codes, bits), bits, n_in, _fp16(torch.randn(out, 1, 1 << bits, generator=g)),
+                                     _fp16(torch.rand(out, G, generator=g) + 0.1), group_size)
+                assert_close(kernels.linear(x, c), reference.codebook_linear(x.float(), c), dtype,
+                             what=f"codebook b={bits} m={m}", scale=condition(x, reference.codebook_weight(c)))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tiled_prefill_over_several_tiles(monkeypatch, dtype):
     """Batches above GEMV_MAX_ROWS multiply dequantized tiles; with a small TILE_BYTES a layer spans several tiles

@@ -118,10 +118,9 @@ TILE_BYTES = 1 << 24
 
 @contextlib.contextmanager
 def lut_max_batch(m: int, force: bool = False):
-    """Within the block, the look-up-table kernel (AVX-512; sign and 1-bit layers at any batch, 2-bit layers from 8
-    rows, fp32 activations, or 16, bf16) serves batches of up to `m` rows (0: never; the spread kernels then). For
-    tests and benchmarks that compare the two. `force`: also where it is not the faster kernel (b = 2 at small
-    batches, b = 4), so tests check it on every width it computes."""
+    """Within the block, the look-up-table kernel (AVX-512; sign and 1-bit layers, any batch) serves batches of up
+    to `m` rows (0: never; the spread kernels then). For tests and benchmarks that compare the two. `force`: also
+    where it is not the faster kernel (b = 2, 4), so tests check it on every width it computes."""
     mod = ext()
     old = mod.set_lut_max_batch(m, force) if mod is not None else None  # (limit, force) before
     try:

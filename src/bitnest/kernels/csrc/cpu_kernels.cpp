@@ -56,6 +56,9 @@
 #ifndef BN_SPLIT
 #define BN_SPLIT 1
 #endif
+#ifndef BN_NR2
+#define BN_NR2 1
+#endif
 #ifndef BN_PFH
 #define BN_PFH _MM_HINT_T1  // into L2, not L1: Zen 4 (EPYC, 4096², batch 1, cold) int8 945 → 568 µs, int4 bf16 466 → 289
 #endif
@@ -450,6 +453,12 @@ struct Spread {
   static BN_INLINE __m512 madd(__m512 w, const float* xb, __m512 acc) {
     return _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + 16 * K), acc);
   }
+  template <int K>  // two weight rows against one activation load
+  static BN_INLINE void madd2(__m512 w0, __m512 w1, const float* xb, __m512& acc0, __m512& acc1) {
+    const __m512 x = _mm512_loadu_ps(xb + 16 * K);
+    acc0 = _mm512_fmadd_ps(w0, x, acc0);
+    acc1 = _mm512_fmadd_ps(w1, x, acc1);
+  }
 };
 
 #if defined(__AVX512BF16__)
@@ -520,6 +529,19 @@ struct SpreadPair {
       return _mm512_dpbf16_ps(acc, wb, (__m512bh)_mm512_loadu_si512(xb + 32 * P + 16));
     }
     return _mm512_dpbf16_ps(acc, wb, (__m512bh)_mm512_loadu_si512(xb + 16 * P));
+  }
+  template <int P>
+  static BN_INLINE void madd2(__m512 w0, __m512 w1, const float* xb, __m512& acc0, __m512& acc1) {
+    const __m512bh b0 = (__m512bh)_mm512_castps_si512(w0), b1 = (__m512bh)_mm512_castps_si512(w1);
+    if constexpr (SPLIT) {
+      const __m512bh hi = (__m512bh)_mm512_loadu_si512(xb + 32 * P), lo = (__m512bh)_mm512_loadu_si512(xb + 32 * P + 16);
+      acc0 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc0, b0, hi), b0, lo);
+      acc1 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc1, b1, hi), b1, lo);
+    } else {
+      const __m512bh x = (__m512bh)_mm512_loadu_si512(xb + 16 * P);
+      acc0 = _mm512_dpbf16_ps(acc0, b0, x);
+      acc1 = _mm512_dpbf16_ps(acc1, b1, x);
+    }
   }
 };
 #else
@@ -663,6 +685,16 @@ BN_INLINE void spread_blocks(const D& d, const __m512i (&dw)[GU], const float* x
   if constexpr (K_ + 1 < D::SP::STEPS) spread_blocks<D, MB, NU, GU, K_ + 1>(d, dw, xb, ustride, acc);
 }
 
+// Code K_ (and the ones after it) of one block of two weight rows (decoders d0, d1) against MB activation rows:
+// each activation vector is loaded once for both rows
+template <class D, int MB, int K_>
+BN_INLINE void spread_blocks2(const D& d0, const D& d1, __m512i dw0, __m512i dw1, const float* xb,
+                              __m512 (&acc)[2][MB]) {
+  const __m512 w0 = d0.template decode<K_>(dw0), w1 = d1.template decode<K_>(dw1);
+  for (int m = 0; m < MB; ++m) D::SP::template madd2<K_>(w0, w1, xb + m * D::SP::XE, acc[0][m], acc[1][m]);
+  if constexpr (K_ + 1 < D::SP::STEPS) spread_blocks2<D, MB, K_ + 1>(d0, d1, dw0, dw1, xb, acc);
+}
+
 #ifndef BN_GU
 #define BN_GU 2
 #endif
@@ -742,6 +774,56 @@ struct SpreadKernel {
     for (int u = 1; u < GU; ++u) for (int m = 0; m < MB; ++m) tot[0][m] = _mm512_add_ps(tot[0][m], tot[u][m]);
     for (int m = 0; m < MB; ++m) Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(tot[0][m]);
   }
+  // run() for weight rows i (decoder d) and i + 1 (d1), one accumulator per (row, activation row): each activation
+  // vector loaded from L1 feeds two FMAs. Several activation rows (MB ≥ 4): one load per FMA kept the load port
+  // as busy as the FMA pipes.
+  template <int MB, bool PER_BLOCK, int STEP = 0>
+  void run2(D& d1, int64_t i, const float* XP, int64_t M, float* Y, int64_t m0, int64_t blk0, int64_t blk1) {
+    const int64_t step = STEP > 0 ? STEP : (whole ? blk1 - blk0 : bpg), xstride = M * SP::XE;
+    const uint8_t* row0 = d.row(i);
+    const uint8_t* row1 = d1.row(i + 1);
+    const float* Xm = XP + m0 * SP::XE;
+    __m512 tot[2][MB];
+    for (int r = 0; r < 2; ++r) for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps();
+    int64_t g = PER_BLOCK ? blk0 * gpb : blk0 / bpg;
+    for (int64_t b0 = blk0; b0 < blk1; b0 += step) {  // one group (one block when PER_BLOCK)
+      if (!whole && !PER_BLOCK) {
+        d.group_start(i, g);
+        d1.group_start(i + 1, g);
+      }
+      __m512 acc[2][MB];
+      for (int r = 0; r < 2; ++r) for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (int64_t blk = b0; blk < b0 + step; ++blk) {
+        _mm_prefetch(reinterpret_cast<const char*>(row0 + blk * SP::BYTES + BN_PFD), BN_PFH);
+        _mm_prefetch(reinterpret_cast<const char*>(row1 + blk * SP::BYTES + BN_PFD), BN_PFH);
+        spread_blocks2<D, MB, 0>(d, d1, d.sp.block(row0 + blk * SP::BYTES), d1.sp.block(row1 + blk * SP::BYTES),
+                                 Xm + blk * xstride, acc);
+      }
+      if (whole) {
+        for (int r = 0; r < 2; ++r) for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_add_ps(tot[r][m], acc[r][m]);
+      } else {
+        const __m512 v0 = PER_BLOCK ? _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(d.scales() + g))
+                                    : _mm512_set1_ps(d.scales()[g]);
+        const __m512 v1 = PER_BLOCK ? _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(d1.scales() + g))
+                                    : _mm512_set1_ps(d1.scales()[g]);
+        g += PER_BLOCK ? gpb : 1;
+        for (int m = 0; m < MB; ++m) {
+          tot[0][m] = _mm512_fmadd_ps(v0, acc[0][m], tot[0][m]);
+          tot[1][m] = _mm512_fmadd_ps(v1, acc[1][m], tot[1][m]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      Y[(m0 + m) * d.N() + i] += _mm512_reduce_add_ps(tot[0][m]);
+      Y[(m0 + m) * d.N() + i + 1] += _mm512_reduce_add_ps(tot[1][m]);
+    }
+  }
+  template <int MB, bool PER_BLOCK>
+  BN_INLINE void go2(D& d1, int64_t i, const float* XP, int64_t M, float* Y, int64_t m0, int64_t blk0, int64_t blk1) {
+    if (!whole && (PER_BLOCK || bpg == 1)) run2<MB, PER_BLOCK, 1>(d1, i, XP, M, Y, m0, blk0, blk1);
+    else if (!whole && bpg == 2) run2<MB, PER_BLOCK, 2>(d1, i, XP, M, Y, m0, blk0, blk1);
+    else run2<MB, PER_BLOCK>(d1, i, XP, M, Y, m0, blk0, blk1);
+  }
   // run() with the group loop specialised for one or two blocks per group; groups interleaved GU at a time where
   // the pass holds few activation rows (registers) and the tables are fixed per row
   template <int MB, int NU, bool PER_BLOCK>
@@ -771,10 +853,16 @@ void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int
   constexpr int ST = D::SP::STEPS, N1 = ST >= 8 ? 8 : ST;
   SpreadKernel<D> kr(d);
   const int64_t E = D::SP::E, unit = kr.unit(), N = d.N();
-  const int64_t seg = M == 1 ? d.K() : std::max<int64_t>(unit, (6144 / M) / unit * unit);  // M·seg floats ≈ 24 KB
+  // M·seg floats ≈ 24 KB (L1) below 8 rows; from 8 rows (pairs of weight rows, half the activation loads) ≈ 256 KB
+  // (L2): a segment of a few blocks left the per-segment folds and horizontal sums a third of the work. Measured
+  // interleaved, 4096², 16 rows, L2-sized vs L1-sized segments (with weight-row pairs in both): 0.70–0.85× the
+  // time (int3, int3 g128, nf4 g64, int4, int8; fp32 and bf16); at 4 rows L2-sized segments were 1.1–1.7× slower
+  const int64_t seg = M == 1 ? d.K()
+                             : std::max<int64_t>(unit, ((BN_NR2 && M >= 8 ? 65536 : 6144) / M) / unit * unit);
   // fewer accumulators: cheaper folds. One per group of whole blocks (no adds before the fold: int3 g128 4096²
   // 367 → 325 µs, int4 g128 369 → 343 cold), two when a block holds several groups (int2 g64: equal)
   const bool short_groups = !kr.whole && kr.bpg < 4;
+  int64_t blk0_ = 0, blk1_ = 0;  // the current segment's blocks
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t m = 0; m < M; ++m) Y[m * N + i] = 0.f;
   if (M == 1) {  // decode: one segment; finish each row while its parameters are loaded
@@ -786,18 +874,35 @@ void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int
     }
     return;
   }
+  auto rest = [&](int64_t i, int64_t m0) {  // row i (loaded in d) against activation rows [m0, M)
+    for (; m0 + 8 <= M; m0 += 8) kr.template go<8, 1, PER_BLOCK>(i, XP, M, Y, m0, blk0_, blk1_);
+    if (m0 + 4 <= M) { kr.template go<4, 2, PER_BLOCK>(i, XP, M, Y, m0, blk0_, blk1_); m0 += 4; }
+    if (m0 + 2 <= M) { kr.template go<2, 4, PER_BLOCK>(i, XP, M, Y, m0, blk0_, blk1_); m0 += 2; }
+    if (m0 < M) {
+      if (short_groups) kr.template go<1, PER_BLOCK ? 2 : 1, PER_BLOCK>(i, XP, M, Y, m0, blk0_, blk1_);
+      else kr.template go<1, N1, PER_BLOCK>(i, XP, M, Y, m0, blk0_, blk1_);
+    }
+  };
+  D d1 = d;  // the second row of a pair
   for (int64_t k0 = 0; k0 < d.K(); k0 += seg) {
-    const int64_t blk0 = k0 / E, blk1 = std::min(d.K(), k0 + seg) / E;
-    for (int64_t i = i0; i < i1; ++i) {
-      d.load_row(i);
-      int64_t m0 = 0;
-      for (; m0 + 8 <= M; m0 += 8) kr.template go<8, 1, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
-      if (m0 + 4 <= M) { kr.template go<4, 2, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1); m0 += 4; }
-      if (m0 + 2 <= M) { kr.template go<2, 4, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1); m0 += 2; }
-      if (m0 < M) {
-        if (short_groups) kr.template go<1, PER_BLOCK ? 2 : 1, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
-        else kr.template go<1, N1, PER_BLOCK>(i, XP, M, Y, m0, blk0, blk1);
+    blk0_ = k0 / E;
+    blk1_ = std::min(d.K(), k0 + seg) / E;
+    int64_t i = i0;
+    if (BN_NR2 && M >= 8)  // pairs of weight rows against the activation rows in blocks of 8, then the rest
+      for (; i + 1 < i1; i += 2) {
+        d.load_row(i);
+        d1.load_row(i + 1);
+        int64_t m0 = 0;
+        for (; m0 + 8 <= M; m0 += 8) kr.template go2<8, PER_BLOCK>(d1, i, XP, M, Y, m0, blk0_, blk1_);
+        if (m0 < M) {
+          rest(i, m0);
+          d.load_row(i + 1);
+          rest(i + 1, m0);
+        }
       }
+    for (; i < i1; ++i) {
+      d.load_row(i);
+      rest(i, 0);
     }
   }
   for (int64_t i = i0; i < i1; ++i) {
@@ -1347,13 +1452,13 @@ bool lut_ok(const Affine& a) {
 }
 
 // Where it is the faster kernel (Zen 4, 4096², interleaved A/B, LUT ÷ spread time): b = 1 at every batch (fp32
-// activations: 0.66 at 1 row, 0.37 at 16; bf16 0.90 / 0.28); b = 2 only for larger batches (1 row 1.14 fp32 / 2.12
-// bf16, 8 rows 0.96 / 1.44, 16 rows 0.63 / 0.78); b = 4 never (1.3–2.8: one look-up per weight is no cheaper
-// than one FMA). `bf16`: the activations came as bf16, so the pair kernels are the alternative.
-bool lut_use(const Affine& a, int64_t M, bool bf16) {
+// activations: 0.66 at 1 row, 0.37 at 16; bf16 0.90 / 0.28; against the spread kernels with weight-row pairs:
+// 0.51–0.70 at 4–16 rows). b = 2: never since the spread kernels take weight rows in pairs from 8 activation rows
+// (LUT was 1.14 fp32 / 2.12 bf16 at 1 row; at 8 rows 1.18–1.28 fp32, 16 rows 0.9–1.03 fp32 and 1.9 bf16). b = 4
+// never (1.3–2.8: one look-up per weight is no cheaper than one FMA). Tests force it on b = 2, 4 (`g_lut_force`).
+bool lut_use(const Affine& a, int64_t M) {
   if (M > g_lut_max_m.load() || !lut_ok(a)) return false;
-  if (a.b == 1 || g_lut_force.load()) return true;
-  return a.b == 2 && M >= (bf16 ? 16 : 8);
+  return a.b == 1 || g_lut_force.load();
 }
 
 // T (M, K·b/4, 16): the tables of every activation row (rows in parallel)
@@ -1522,7 +1627,7 @@ Tensor affine_run(const Affine& a, const Tensor& xf, bool simd, const Tensor& xb
   const bool vec = simd && a.simd_ok();
   int64_t done = 0;  // rows [0, done) computed by the LUT kernel
 #if BITNEST_AVX512
-  if (simd && lut_use(a, M, xbf.defined())) {
+  if (simd && lut_use(a, M)) {
     const std::vector<float> T = lut_tables(X, M, K, a.b);
     done = a.N / 16 * 16;
     parallel_rows(0, done / 16, min_rows(16 * K * M), [&](int64_t b0, int64_t b1) {
