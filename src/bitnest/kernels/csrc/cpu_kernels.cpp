@@ -485,7 +485,8 @@ struct SpreadPair {
   static constexpr int STEPS = ND / 2;
   static constexpr int XE = SPLIT ? E : E / 2;  // a block's bf16 activations (hi, lo when split), counted in floats
   __m512i mask, expc, perm;
-  __m512i ctrl[PERM ? ND / 2 : 1];  // b = 3: vpmultishiftqb offsets of step P
+  __m512i ctrl[PERM ? ND / 2 : 1];   // b = 3: vpmultishiftqb offsets of step P (codes at bits 7−b..6)
+  __m512i ictrl[PERM ? ND / 2 : 1];  // the same, codes at bits 0..2 (index<P>)
   __mmask64 ld;
   const uint8_t* end;
   explicit SpreadPair(const uint8_t* buffer_end) : end(buffer_end) {
@@ -504,6 +505,8 @@ struct SpreadPair {
         c[byte] = static_cast<uint8_t>((32 * lane + 3 * (P + 4 * half) - (7 - B) + 64) % 64);
       }
       ctrl[P] = _mm512_load_si512(c);
+      for (int byte = 0; byte < 64; ++byte) c[byte] = static_cast<uint8_t>((c[byte] + 7 - B) % 64);
+      ictrl[P] = _mm512_load_si512(c);
     }
   }
   BN_INLINE __m512i block(const uint8_t* src) const {
@@ -520,6 +523,11 @@ struct SpreadPair {
       v = sh >= 0 ? _mm512_slli_epi32(dw, sh) : _mm512_srli_epi32(dw, -sh);
     }
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, mask, expc, 0xEA));
+  }
+  template <int P>  // codes P and P + ND/2 at bits 0..b−1 of the two 16-bit halves (other bits: the next codes)
+  BN_INLINE __m512i index(__m512i dw) const {
+    if constexpr (PERM) return _mm512_multishift_epi64_epi8(ictrl[P], dw);
+    else return P == 0 ? dw : _mm512_srli_epi32(dw, P * B);
   }
   template <int P>
   static BN_INLINE __m512 madd(__m512 w, const float* xb, __m512 acc) {
@@ -669,6 +677,38 @@ struct CodebookDec {  // ŵ = s · T[q]: code K of a dword, shifted down, indexe
   BN_INLINE __m512 decode(__m512i dw) const { return _mm512_permutexvar_ps(_mm512_srli_epi32(dw, K_ * B), T); }
   float finish(int64_t, float y, const float*) const { return y; }
 };
+
+#if BN_PAIR
+// bf16 activations: the table as 32 bf16 (its 2^b entries repeated; vpermw reads 5 index bits), a pair of codes per
+// dword looked up at once and multiplied by vdpbf16ps, as the affine pair kernels do. T is rounded to bf16 here,
+// as the prefill tiles round the dequantized weight; the scales apply in fp32 at each fold.
+template <int B_>
+struct CodebookPairDec : CodebookDec<B_> {
+  using SP = SpreadPair<B_>;
+  const SP sp;
+  __m512i T2;  // the current table, bf16
+  explicit CodebookPairDec(const Codebook& c_) : CodebookDec<B_>(c_), sp(c_.qw + c_.N * c_.row_bytes) {}
+  void load_table(int64_t i, int64_t g) {
+    alignas(64) uint16_t t[32];
+    float e[16];
+    this->c.table_at(i, g, e);
+    for (int l = 0; l < 32; ++l) t[l] = at::BFloat16(e[l % (1 << B_)]).x;
+    T2 = _mm512_load_si512(t);
+  }
+  void load_row(int64_t i) {
+    if (!this->tables_per_group()) load_table(i, 0);
+    if (this->c.scale)
+      for (int64_t g = 0; g < this->c.K / this->c.gsz; ++g) this->s[g] = this->c.scale_at(i, g);
+  }
+  void group_start(int64_t i, int64_t g) {
+    if (this->tables_per_group()) load_table(i, g);
+  }
+  template <int P>
+  BN_INLINE __m512 decode(__m512i dw) const {
+    return _mm512_castsi512_ps(_mm512_permutexvar_epi16(sp.template index<P>(dw), T2));
+  }
+};
+#endif
 
 // Code K_ (and the ones after it) of GU blocks (consecutive groups of one weight row; GU = 1: one block) against
 // the activations: block u's at xb + u·ustride, row m at + m·XE. GU > 1 gives GU independent FMA chains: one
@@ -992,6 +1032,18 @@ void codebook_spread(const Codebook& c, const float* XP, int64_t M, float* Y, in
     default: go(CodebookDec<4>(c)); break;
   }
 }
+
+#if BN_PAIR
+void codebook_spread_pair(const Codebook& c, const float* XP, int64_t M, float* Y, int64_t i0, int64_t i1) {
+  auto go = [&](auto dec) { spread_dispatch(dec, XP, M, nullptr, Y, i0, i1); };
+  switch (c.b) {
+    case 1: go(CodebookPairDec<1>(c)); break;
+    case 2: go(CodebookPairDec<2>(c)); break;
+    case 3: go(CodebookPairDec<3>(c)); break;
+    default: go(CodebookPairDec<4>(c)); break;
+  }
+}
+#endif
 
 // ---- generic vector kernel (any width, groups of 16k): Codes64 per 64-chunk, fold after every group ----------
 template <int MB>
@@ -1373,6 +1425,18 @@ void codebook_spread(const Codebook& c, const float* XP, int64_t M, float* Y, in
     default: go(CodebookDec<4>(c)); break;
   }
 }
+
+#if BN_PAIR
+void codebook_spread_pair(const Codebook& c, const float* XP, int64_t M, float* Y, int64_t i0, int64_t i1) {
+  auto go = [&](auto dec) { spread_dispatch(dec, XP, M, nullptr, Y, i0, i1); };
+  switch (c.b) {
+    case 1: go(CodebookPairDec<1>(c)); break;
+    case 2: go(CodebookPairDec<2>(c)); break;
+    case 3: go(CodebookPairDec<3>(c)); break;
+    default: go(CodebookPairDec<4>(c)); break;
+  }
+}
+#endif
 
 // 8 b-bit codes (b bytes of the stream, natural order) -> 8 int32: one byte shuffle puts the two bytes code e
 // can touch into dword e, a variable shift and a mask cut it out. For dequantization (prefill tiles).
@@ -1868,6 +1932,15 @@ Tensor codebook_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int
   const bool vec = simd && BITNEST_AVX512 && K % 64 == 0 && c.gsz % 64 == 0;
 #if BITNEST_AVX512
   if (simd && codebook_spread_ok(c)) {  // b ≤ 4: tables in a register, no shuffle but the look-up itself
+#if BN_PAIR
+    if (x.scalar_type() == at::kBFloat16) {  // pairs of bf16 codes' table entries, vdpbf16ps
+      const Tensor xb = x.reshape({-1, K}).contiguous();
+      const std::vector<float> XP =
+          spread_x_pair(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, K, spread_nd(c.b));
+      parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) { codebook_spread_pair(c, XP.data(), M, Y, i0, i1); });
+      return y;
+    }
+#endif
     const std::vector<float> XP = spread_x(X, M, K, spread_nd(c.b));
     parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) { codebook_spread(c, XP.data(), M, Y, i0, i1); });
     return y;
