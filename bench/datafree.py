@@ -3,6 +3,7 @@
     python bench/datafree.py [--limit 64] [--models ref-10m,stories260K] [--bits 2,3,4] [--data-dir DIR]
     python bench/datafree.py --quick          # smoke run (2 windows, 2 bits, stories260K; writes nothing)
     python bench/datafree.py --bits 3 --limit 0 --no-nested --name datafree_whole   # 3 bits on the whole texts
+    python bench/datafree.py --groups channel,128 ...   # other granularities (default channel,64)
 
 Rows per model, every Linear of the decoder blocks (FFN + attention), asymmetric grids, per output channel and
 groups of 64 (where 64 divides every layer's inputs; stories260K's 172-wide FFN admits none), at 2, 3 and 4 bits:
@@ -13,7 +14,8 @@ groups of 64 (where 64 divides every layer's inputs; stories260K's 172-wide FFN 
   `lpfit_nested` (the int8 α, z fitted to the summed ℓp error of the 8/4/3/2 slices).
 Evaluation: the first --limit windows of WikiText-2 test and of C4 held-out (rows 1800–1999) at the model's training
 context, the same windows for every row; ΔNLL vs FP with a paired bootstrap 95 % interval (windows resampled, 2000
-resamples), and for each lpfit row its paired ΔNLL vs hqq_opt at the same bits and granularity.
+resamples), and for each lpfit row its paired ΔNLL vs hqq_opt at the same bits and granularity; for each hqq_opt
+row also the paired ΔNLL of lpfit's row with the most bits per weight not above hqq_opt's (same storage or less).
 bits_per_weight: every stored bit (codes, fp16 scales and zeros) per quantized weight; HQQ's from its packed codes
 (3-bit codes are packed 10 per int32: 3.2 bits) and its scale and zero counted at 16 bits each, as it ships them.
 
@@ -124,6 +126,16 @@ def datafree_rows(model_name: str, *, bits=(2, 3, 4), groups=(None, 64), slices=
                     if isinstance(q, QuantLinear):
                         q.set_serve_bits(r_)
                 add("bitnest", method, r_, g, parent, t.seconds, served=8)
+    for h in rows:  # lpfit's best row using at most the bits per weight HQQ's optimizer spent, where that is another grid
+        if h["method"] != "hqq_opt":
+            continue
+        fits = [r for r in rows if r["method"] == "lpfit" and r["bits"] == h["bits"]
+                and r["bits_per_weight"] <= h["bits_per_weight"]]
+        best = max(fits, key=lambda r: r["bits_per_weight"], default=None)
+        if best is not None and best["group_size"] != h["group_size"]:
+            h["lpfit_at_bpw"] = {"group_size": best["group_size"], "bits_per_weight": best["bits_per_weight"],
+                                 **{f"ppl_{d}": best[f"ppl_{d}"] for d in TEXTS},
+                                 **{f"vs_{d}": _ci(best, h, d) for d in TEXTS}}
     if not keep_windows:
         for r in rows:
             for d in TEXTS:
@@ -175,6 +187,15 @@ def verdict(rows: list[dict]) -> list[str]:
                    f" at {r['bits_per_weight']:.3f} vs {hq['bits_per_weight']:.3f} bits/weight"
                    + (f"; better outside the interval on {', '.join(sig)}" if sig else "")
                    + (f"; worse outside the interval on {', '.join(worse)}" if worse else ""))
+    for h in rows:  # the same comparison at (at most) the same bits per weight: lpfit on a finer grid
+        m = h.get("lpfit_at_bpw")
+        if not m or h["bits"] not in (2, 3):
+            continue
+        ok = all(m[f"ppl_{d}"] <= h[f"ppl_{d}"] for d in TEXTS)
+        vs = "; ".join(f"{d} {_fmt_vs({f'vs_hqq_opt_{d}': m[f'vs_{d}']}, d)}" for d in TEXTS)
+        out.append(f"{h['model']} int{h['bits']} at ≤ the same bits per weight: lpfit g{m['group_size']} "
+                   f"({m['bits_per_weight']:.3f}) {'≤' if ok else '>'} hqq_opt {h['group_size']} "
+                   f"({h['bits_per_weight']:.3f}) on {'both texts' if ok else 'not both texts'}; lpfit − hqq_opt ΔNLL: {vs}")
     return out
 
 
@@ -188,6 +209,9 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="lpfit option (both variants)")
     ap.add_argument("--quick", action="store_true", help="smoke run: stories260K, 2 windows, 2 bits; writes nothing")
     ap.add_argument("--no-nested", action="store_true", help="skip the int8 parents served by slicing")
+    ap.add_argument("--groups", default="channel,64",
+                    help="granularities, comma-separated: channel and group sizes (default channel,64); each hqq_opt "
+                         "row is also compared with lpfit's row of the most bits per weight that are ≤ its own")
     ap.add_argument("--name", default="datafree", help="results file bench/results/NAME.json and BENCHMARKS.md section")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
@@ -198,12 +222,16 @@ def main(argv=None) -> int:
     from bitnest.commands import parse_options
     opts = parse_options("lpfit", a.option)
     models, bits, limit = a.models.split(","), tuple(int(b) for b in a.bits.split(",")), a.limit or None
+    try:
+        groups = tuple(None if g.strip() == "channel" else int(g) for g in a.groups.split(","))
+    except ValueError:
+        ap.error(f"--groups: expected 'channel' or group sizes, got {a.groups!r}")
     if a.quick:
         models, bits, limit, a.no_write = ["stories260K"], (2,), 2, True
     t0 = time.perf_counter()
     rows = []
     for name in models:
-        rows += datafree_rows(name, bits=bits, limit=limit, data_dir=a.data_dir, lpfit_options=opts,
+        rows += datafree_rows(name, bits=bits, groups=groups, limit=limit, data_dir=a.data_dir, lpfit_options=opts,
                               slices=() if a.no_nested else (8, 4, 3, 2) if not a.quick else (2,), log=lambda s: print(s, flush=True))
     minutes = (time.perf_counter() - t0) / 60
     text = table(rows)
@@ -217,7 +245,9 @@ def main(argv=None) -> int:
             "(rows 1800–1999) at each model's training context, the same windows for every row. ΔNLL (nats/token) vs FP "
             "with a paired bootstrap 95 % interval over those windows (2000 resamples); the last two interval columns "
             "compare lpfit with HQQ's optimizer at the same bits and granularity (negative = lpfit better; **better** / "
-            "worse = outside the interval, inside = not distinguishable). `hqq_opt` = HQQ's `Quantizer.quantize(..., "
+            "worse = outside the interval, inside = not distinguishable); the lines under the table also compare each "
+            "hqq_opt row with lpfit's row of the most bits per weight not above its own (HQQ packs 3-bit codes 10 per "
+            "int32 and stores fp16 scale and zero, so per channel it spends more bits than lpfit's per-channel grid). `hqq_opt` = HQQ's `Quantizer.quantize(..., "
             "optimize=True)` (half-quadratic zero fitting, p = 0.7, its defaults), `hqq`/`rtn` the same call with "
             "optimize=False; HQQ dequantizes with fp32 scale/zero but is counted at 16 bits each (3-bit codes packed "
             "10 per int32). `lpfit` options: " + (", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults")
