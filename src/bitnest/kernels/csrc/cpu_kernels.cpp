@@ -1268,12 +1268,6 @@ BN_INLINE __m256 sum_vectors(const __m256 (&v)[NU]) {
   return s;
 }
 
-#if BN_PAIR
-template <class SP> constexpr bool PAIR3 = std::is_same_v<SP, SpreadPair<3>>;
-#else
-template <class SP> constexpr bool PAIR3 = false;
-#endif
-
 template <class D>
 struct SpreadKernel {
   using SP = typename D::SP;
@@ -1425,18 +1419,6 @@ void codebook_spread(const Codebook& c, const float* XP, int64_t M, float* Y, in
     default: go(CodebookDec<4>(c)); break;
   }
 }
-
-#if BN_PAIR
-void codebook_spread_pair(const Codebook& c, const float* XP, int64_t M, float* Y, int64_t i0, int64_t i1) {
-  auto go = [&](auto dec) { spread_dispatch(dec, XP, M, nullptr, Y, i0, i1); };
-  switch (c.b) {
-    case 1: go(CodebookPairDec<1>(c)); break;
-    case 2: go(CodebookPairDec<2>(c)); break;
-    case 3: go(CodebookPairDec<3>(c)); break;
-    default: go(CodebookPairDec<4>(c)); break;
-  }
-}
-#endif
 
 // 8 b-bit codes (b bytes of the stream, natural order) -> 8 int32: one byte shuffle puts the two bytes code e
 // can touch into dword e, a variable shift and a mask cut it out. For dequantization (prefill tiles).
