@@ -142,10 +142,16 @@ def test_sign_fast_equals_reference(simd, n_in, out, m, has_g, h_kind, post_ln, 
     p = kernels.Sign(q, n_in, gv, h, post_ln)
     x = _x(g, m, n_in, dtype)
     W = reference.unpack_signs(q, n_in) * (1 if gv is None else gv.float()) * h.float()[:, None]
+    cond = condition(x, W)
+    if post_ln:  # an error e of a pre-LayerNorm row becomes ≈ e / σ(row) after it: few or nearly equal outputs
+        y0 = reference.sign_packed_linear(x.float(), kernels.Sign(q, n_in, gv, h, False))  # (m, out) before the LN
+        sd = torch.sqrt(y0.var(-1, unbiased=False) + reference.LN_EPS)  # (m,)
+        rows = x.float().abs() @ W.abs().T  # (m, out): Σ_j |ŵ_ij x_j|
+        cond = (rows.max(-1).values / sd).max().item()  # (seen: out = 4, bf16, 40 rows: error 0.097 at |y| ≤ 1.7)
     for lut in (0, 16):  # the split/pair kernels on every row, then the look-up-table kernel where it applies
         with cpu.lut_max_batch(lut):
             assert_close(kernels.linear(x, p), reference.sign_packed_linear(x.float(), p), dtype, what=f"sign lut={lut}",
-                         scale=None if post_ln else condition(x, W))
+                         scale=cond)
 
 
 @pytest.mark.skipif(not cpu.has_avx512(), reason="the look-up-table kernel is AVX-512 only")
