@@ -151,7 +151,11 @@ def _fmt_ci(r, d):
 
 
 def _fmt_vs(r, d):
-    v = r.get(f"vs_hqq_opt_{d}")
+    return _fmt_diff(r.get(f"vs_hqq_opt_{d}"))
+
+
+def _fmt_diff(v):
+    """[ΔNLL, lo, hi] of lpfit − hqq_opt, marked by where the interval lies."""
     if not v:
         return ""
     m, lo, hi = v
@@ -192,7 +196,7 @@ def verdict(rows: list[dict]) -> list[str]:
         if not m or h["bits"] not in (2, 3):
             continue
         ok = all(m[f"ppl_{d}"] <= h[f"ppl_{d}"] for d in TEXTS)
-        vs = "; ".join(f"{d} {_fmt_vs({f'vs_hqq_opt_{d}': m[f'vs_{d}']}, d)}" for d in TEXTS)
+        vs = "; ".join(f"{d} {_fmt_diff(m[f'vs_{d}'])}" for d in TEXTS)
         out.append(f"{h['model']} int{h['bits']} at ≤ the same bits per weight: lpfit g{m['group_size']} "
                    f"({m['bits_per_weight']:.3f}) {'≤' if ok else '>'} hqq_opt {h['group_size']} "
                    f"({h['bits_per_weight']:.3f}) on {'both texts' if ok else 'not both texts'}; lpfit − hqq_opt ΔNLL: {vs}")

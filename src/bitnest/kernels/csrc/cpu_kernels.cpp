@@ -642,14 +642,24 @@ struct AffineDec {  // ŵ = α'((2^b + q) − (z' + 2^b)): accumulate Σ (2^b + 
   }
 };
 
-template <int B_>
-struct CodebookDec {  // ŵ = s · T[q]: code K of a dword, shifted down, indexes a table held in one register
+#if BN_PAIR
+template <int B, bool PAIR> struct CodebookSP { using type = std::conditional_t<PAIR, SpreadPair<B>, Spread<B>>; };
+#else
+template <int B, bool PAIR> struct CodebookSP { using type = Spread<B>; };
+#endif
+
+// ŵ = s · T[q]: code K of a dword, shifted down, indexes a table held in one register (vpermps: its 2^b entries
+// repeated to 16). PAIR (bf16 activations): the table as 32 bf16 (repeated; vpermw reads 5 index bits), both codes
+// of a pair looked up at once and multiplied by vdpbf16ps, as the affine pair kernels do; T is rounded to bf16, as
+// the prefill tiles round the dequantized weight, and the scales apply in fp32 at each fold.
+template <int B_, bool PAIR = false>
+struct CodebookDec {
   static constexpr int B = B_;
-  using SP = Spread<B>;
+  using SP = typename CodebookSP<B, PAIR>::type;
   const Codebook& c;
   const SP sp;
-  __m512 T;              // the current table, its 2^b entries repeated to 16 (vpermps reads 4 index bits)
-  std::vector<float> s;  // the current row's scales
+  std::conditional_t<PAIR, __m512i, __m512> T;  // the current table
+  std::vector<float> s;                          // the current row's scales
   explicit CodebookDec(const Codebook& c_) : c(c_), sp(c_.qw + c_.N * c_.row_bytes), s(c_.K / c_.gsz + 16, 1.f) {}
   int64_t K() const { return c.K; }
   int64_t N() const { return c.N; }
@@ -658,11 +668,17 @@ struct CodebookDec {  // ŵ = s · T[q]: code K of a dword, shifted down, indexe
   bool whole() const { return c.scale == nullptr && !tables_per_group(); }
   bool tables_per_group() const { return c.tgrp != 0; }
   void load_table(int64_t i, int64_t g) {
-    alignas(64) float t[16];
     float e[16];
     c.table_at(i, g, e);
-    for (int l = 0; l < 16; ++l) t[l] = e[l % (1 << B)];
-    T = _mm512_load_ps(t);
+    if constexpr (PAIR) {
+      alignas(64) uint16_t t[32];
+      for (int l = 0; l < 32; ++l) t[l] = at::BFloat16(e[l % (1 << B)]).x;
+      T = _mm512_load_si512(t);
+    } else {
+      alignas(64) float t[16];
+      for (int l = 0; l < 16; ++l) t[l] = e[l % (1 << B)];
+      T = _mm512_load_ps(t);
+    }
   }
   void load_row(int64_t i) {
     if (!tables_per_group()) load_table(i, 0);
@@ -674,41 +690,12 @@ struct CodebookDec {  // ŵ = s · T[q]: code K of a dword, shifted down, indexe
   }
   const float* scales() const { return s.data(); }
   template <int K_>
-  BN_INLINE __m512 decode(__m512i dw) const { return _mm512_permutexvar_ps(_mm512_srli_epi32(dw, K_ * B), T); }
+  BN_INLINE __m512 decode(__m512i dw) const {
+    if constexpr (PAIR) return _mm512_castsi512_ps(_mm512_permutexvar_epi16(sp.template index<K_>(dw), T));
+    else return _mm512_permutexvar_ps(_mm512_srli_epi32(dw, K_ * B), T);
+  }
   float finish(int64_t, float y, const float*) const { return y; }
 };
-
-#if BN_PAIR
-// bf16 activations: the table as 32 bf16 (its 2^b entries repeated; vpermw reads 5 index bits), a pair of codes per
-// dword looked up at once and multiplied by vdpbf16ps, as the affine pair kernels do. T is rounded to bf16 here,
-// as the prefill tiles round the dequantized weight; the scales apply in fp32 at each fold.
-template <int B_>
-struct CodebookPairDec : CodebookDec<B_> {
-  using SP = SpreadPair<B_>;
-  const SP sp;
-  __m512i T2;  // the current table, bf16
-  explicit CodebookPairDec(const Codebook& c_) : CodebookDec<B_>(c_), sp(c_.qw + c_.N * c_.row_bytes) {}
-  void load_table(int64_t i, int64_t g) {
-    alignas(64) uint16_t t[32];
-    float e[16];
-    this->c.table_at(i, g, e);
-    for (int l = 0; l < 32; ++l) t[l] = at::BFloat16(e[l % (1 << B_)]).x;
-    T2 = _mm512_load_si512(t);
-  }
-  void load_row(int64_t i) {
-    if (!this->tables_per_group()) load_table(i, 0);
-    if (this->c.scale)
-      for (int64_t g = 0; g < this->c.K / this->c.gsz; ++g) this->s[g] = this->c.scale_at(i, g);
-  }
-  void group_start(int64_t i, int64_t g) {
-    if (this->tables_per_group()) load_table(i, g);
-  }
-  template <int P>
-  BN_INLINE __m512 decode(__m512i dw) const {
-    return _mm512_castsi512_ps(_mm512_permutexvar_epi16(sp.template index<P>(dw), T2));
-  }
-};
-#endif
 
 // Code K_ (and the ones after it) of GU blocks (consecutive groups of one weight row; GU = 1: one block) against
 // the activations: block u's at xb + u·ustride, row m at + m·XE. GU > 1 gives GU independent FMA chains: one
@@ -884,10 +871,11 @@ struct SpreadKernel {
   }
 };
 
-// Rows [i0, i1). x is cut into K-segments that stay in L1 (≈ 24 KB: all M activation rows of a segment) and
-// every weight row of the range is run against a segment before the next one: each weight byte is read once,
-// each activation element once per row from L1. Activation rows go in whole blocks of 8, 4, 2, 1 (no runtime
-// bounds in the inner loop); one row (decode) takes a single segment.
+// Rows [i0, i1). x is cut into K-segments (all M activation rows of a segment: ≈ 24 KB, in L1, below 8 rows;
+// ≈ 256 KB, in L2, from 8) and every weight row of the range is run against a segment before the next one: each
+// weight byte is read once. From 8 activation rows weight rows go in pairs against blocks of 8 activation rows;
+// the rest in whole blocks of 8, 4, 2, 1 (no runtime bounds in the inner loop); one row (decode) takes a single
+// segment.
 template <class D, bool PER_BLOCK>
 void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
   constexpr int ST = D::SP::STEPS, N1 = ST >= 8 ? 8 : ST;
@@ -1023,27 +1011,16 @@ bool codebook_spread_ok(const Codebook& c) {
   }
 }
 
+template <bool PAIR>  // PAIR: bf16 activations in the pair layout (spread_x_pair)
 void codebook_spread(const Codebook& c, const float* XP, int64_t M, float* Y, int64_t i0, int64_t i1) {
   auto go = [&](auto dec) { spread_dispatch(dec, XP, M, nullptr, Y, i0, i1); };
   switch (c.b) {
-    case 1: go(CodebookDec<1>(c)); break;
-    case 2: go(CodebookDec<2>(c)); break;
-    case 3: go(CodebookDec<3>(c)); break;
-    default: go(CodebookDec<4>(c)); break;
+    case 1: go(CodebookDec<1, PAIR>(c)); break;
+    case 2: go(CodebookDec<2, PAIR>(c)); break;
+    case 3: go(CodebookDec<3, PAIR>(c)); break;
+    default: go(CodebookDec<4, PAIR>(c)); break;
   }
 }
-
-#if BN_PAIR
-void codebook_spread_pair(const Codebook& c, const float* XP, int64_t M, float* Y, int64_t i0, int64_t i1) {
-  auto go = [&](auto dec) { spread_dispatch(dec, XP, M, nullptr, Y, i0, i1); };
-  switch (c.b) {
-    case 1: go(CodebookPairDec<1>(c)); break;
-    case 2: go(CodebookPairDec<2>(c)); break;
-    case 3: go(CodebookPairDec<3>(c)); break;
-    default: go(CodebookPairDec<4>(c)); break;
-  }
-}
-#endif
 
 // ---- generic vector kernel (any width, groups of 16k): Codes64 per 64-chunk, fold after every group ----------
 template <int MB>
@@ -1921,12 +1898,12 @@ Tensor codebook_linear(const Tensor& x, const Tensor& qweight, int64_t bits, int
       const Tensor xb = x.reshape({-1, K}).contiguous();
       const std::vector<float> XP =
           spread_x_pair(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, K, spread_nd(c.b));
-      parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) { codebook_spread_pair(c, XP.data(), M, Y, i0, i1); });
+      parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) { codebook_spread<true>(c, XP.data(), M, Y, i0, i1); });
       return y;
     }
 #endif
     const std::vector<float> XP = spread_x(X, M, K, spread_nd(c.b));
-    parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) { codebook_spread(c, XP.data(), M, Y, i0, i1); });
+    parallel_rows(0, c.N, min_rows(K * M), [&](int64_t i0, int64_t i1) { codebook_spread<false>(c, XP.data(), M, Y, i0, i1); });
     return y;
   }
 #elif BITNEST_AVX2
