@@ -62,6 +62,9 @@
 #ifndef BN_PFH
 #define BN_PFH _MM_HINT_T1  // into L2, not L1: Zen 4 (EPYC, 4096², batch 1, cold) int8 945 → 568 µs, int4 bf16 466 → 289
 #endif
+#ifndef BN_X1
+#define BN_X1 24576  // bytes of one activation row's x that a decode pass keeps in L1 (see spread_rows)
+#endif
 #ifndef BN_PFD
 #define BN_PFD 8192  // bytes ahead: 2 int8 rows of 4096; measured 2048 → 8192: int8 4096² cold 525 → 409 µs, others ±3 %
 #endif
@@ -629,6 +632,7 @@ struct AffineDec {  // ŵ = α'((2^b + q) − (z' + 2^b)): accumulate Σ (2^b + 
   int64_t N() const { return a.N; }
   int64_t gsz() const { return a.gsz; }
   const uint8_t* row(int64_t i) const { return a.row(i); }
+  int64_t row_bytes() const { return a.row_bytes; }
   bool whole() const { return a.gsz == a.K; }  // per channel / tensor: α' once, at the end
   bool tables_per_group() const { return false; }
   void load_row(int64_t i) { row_params(a, i, static_cast<float>(1 << B), alpha.data(), zterm.data()); }
@@ -665,6 +669,7 @@ struct CodebookDec {
   int64_t N() const { return c.N; }
   int64_t gsz() const { return c.gsz; }
   const uint8_t* row(int64_t i) const { return c.qw + i * c.row_bytes; }
+  int64_t row_bytes() const { return c.row_bytes; }
   bool whole() const { return c.scale == nullptr && !tables_per_group(); }
   bool tables_per_group() const { return c.tgrp != 0; }
   void load_table(int64_t i, int64_t g) {
@@ -738,6 +743,7 @@ struct SpreadKernel {
   D& d;
   const int64_t nblocks, bpg, gpb;  // blocks per group (groups ≥ a block), groups per block (smaller groups)
   const bool whole;
+  int64_t pfd = BN_PFD;  // software prefetch: bytes ahead of the block being read (spread_rows sets it for segments)
   __m512i lane_idx;
   explicit SpreadKernel(D& d_)
       : d(d_), nblocks(d_.K() / SP::E), bpg(d_.gsz() % SP::E == 0 ? d_.gsz() / SP::E : 1),
@@ -779,7 +785,7 @@ struct SpreadKernel {
           __m512i dw[GU];
           for (int u = 0; u < GU; ++u) {
             const int64_t blk = b0 + u * STEP + s;
-            _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + BN_PFD), BN_PFH);
+            _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + pfd), BN_PFH);
             dw[u] = d.sp.block(row + blk * SP::BYTES);
           }
           spread_blocks<D, MB, NU, GU, 0>(d, dw, Xm + (b0 + s) * xstride, STEP * xstride, acc);
@@ -792,7 +798,7 @@ struct SpreadKernel {
       __m512 acc[1][MB][NU];
       for (int m = 0; m < MB; ++m) for (int u = 0; u < NU; ++u) acc[0][m][u] = _mm512_setzero_ps();
       for (int64_t blk = b0; blk < b0 + step; ++blk) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + BN_PFD), BN_PFH);
+        _mm_prefetch(reinterpret_cast<const char*>(row + blk * SP::BYTES + pfd), BN_PFH);
         const __m512i dw[1] = {d.sp.block(row + blk * SP::BYTES)};
         spread_blocks<D, MB, NU, 1, 0>(d, dw, Xm + blk * xstride, 0, acc);
       }
@@ -821,8 +827,8 @@ struct SpreadKernel {
       __m512 acc[2][MB];
       for (int r = 0; r < 2; ++r) for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
       for (int64_t blk = b0; blk < b0 + step; ++blk) {
-        _mm_prefetch(reinterpret_cast<const char*>(row0 + blk * SP::BYTES + BN_PFD), BN_PFH);
-        _mm_prefetch(reinterpret_cast<const char*>(row1 + blk * SP::BYTES + BN_PFD), BN_PFH);
+        _mm_prefetch(reinterpret_cast<const char*>(row0 + blk * SP::BYTES + pfd), BN_PFH);
+        _mm_prefetch(reinterpret_cast<const char*>(row1 + blk * SP::BYTES + pfd), BN_PFH);
         spread_blocks2<D, MB, 0>(d, d1, d.sp.block(row0 + blk * SP::BYTES), d1.sp.block(row1 + blk * SP::BYTES),
                                  Xm + blk * xstride, acc);
       }
@@ -875,7 +881,7 @@ struct SpreadKernel {
 // ≈ 256 KB, in L2, from 8) and every weight row of the range is run against a segment before the next one: each
 // weight byte is read once. From 8 activation rows weight rows go in pairs against blocks of 8 activation rows;
 // the rest in whole blocks of 8, 4, 2, 1 (no runtime bounds in the inner loop); one row (decode) takes a single
-// segment.
+// segment, except as below.
 template <class D, bool PER_BLOCK>
 void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int64_t i0, int64_t i1) {
   constexpr int ST = D::SP::STEPS, N1 = ST >= 8 ? 8 : ST;
@@ -885,15 +891,27 @@ void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int
   // (L2): a segment of a few blocks left the per-segment folds and horizontal sums a third of the work. Measured
   // interleaved, 4096², 16 rows, L2-sized vs L1-sized segments (with weight-row pairs in both): 0.70–0.85× the
   // time (int3, int3 g128, nf4 g64, int4, int8; fp32 and bf16); at 4 rows L2-sized segments were 1.1–1.7× slower
-  const int64_t seg = M == 1 ? d.K()
-                             : std::max<int64_t>(unit, ((BN_NR2 && M >= 8 ? 65536 : 6144) / M) / unit * unit);
+  int64_t seg = std::max<int64_t>(unit, ((BN_NR2 && M >= 8 ? 65536 : 6144) / M) / unit * unit);
   // fewer accumulators: cheaper folds. One per group of whole blocks (no adds before the fold: int3 g128 4096²
   // 367 → 325 µs, int4 g128 369 → 343 cold), two when a block holds several groups (int2 g64: equal)
   const bool short_groups = !kr.whole && kr.bpg < 4;
   int64_t blk0_ = 0, blk1_ = 0;  // the current segment's blocks
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t m = 0; m < M; ++m) Y[m * N + i] = 0.f;
-  if (M == 1) {  // decode: one segment; finish each row while its parameters are loaded
+  // One row (decode), per channel, b ≤ 4, x past BN_X1 bytes (K > 6144 in fp32): L1-sized segments. These decode
+  // faster than L2 feeds them one x float per weight (warm, 2 threads: int4 fp32 1840 µs at 4096×11008 with 43 KB
+  // of x per row against 1150 at 11008×4096; bf16 pairs, 22 KB, 823 vs 918). Not int8 (memory-bound: segments
+  // were 1.12–1.78× slower) nor grouped rows (each pass reloads every group's parameters: int3 g128 1.15×). In
+  // segments a row is read a piece at a time, so the prefetch runs rows ahead at the same offset.
+  const int64_t seg1 = std::max<int64_t>(unit, BN_X1 / (4 * D::SP::XE / E) / unit * unit);
+  const bool pieces = M == 1 && kr.whole && D::B <= 4 && d.K() > seg1;
+  if (pieces) {
+    const int64_t nseg = (d.K() + seg1 - 1) / seg1;  // segments of equal size (K = 11008 fp32: 2 × 5504)
+    seg = ((d.K() + nseg - 1) / nseg + unit - 1) / unit * unit;
+    const int64_t piece = seg / E * D::SP::BYTES;  // bytes of a row per segment
+    kr.pfd = (BN_PFD + piece - 1) / piece * d.row_bytes();
+  }
+  if (M == 1 && !pieces) {  // decode: one segment; finish each row while its parameters are loaded
     for (int64_t i = i0; i < i1; ++i) {
       d.load_row(i);
       if (short_groups) kr.template go<1, PER_BLOCK ? 2 : 1, PER_BLOCK>(i, XP, M, Y, 0, 0, kr.nblocks);
