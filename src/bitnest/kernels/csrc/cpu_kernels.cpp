@@ -898,13 +898,14 @@ void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int
   int64_t blk0_ = 0, blk1_ = 0;  // the current segment's blocks
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t m = 0; m < M; ++m) Y[m * N + i] = 0.f;
-  // One row (decode), per channel, b ≤ 4, x past BN_X1 bytes (K > 6144 in fp32): L1-sized segments. These decode
-  // faster than L2 feeds them one x float per weight (warm, 2 threads: int4 fp32 1840 µs at 4096×11008 with 43 KB
-  // of x per row against 1150 at 11008×4096; bf16 pairs, 22 KB, 823 vs 918). Not int8 (memory-bound: segments
-  // were 1.12–1.78× slower) nor grouped rows (each pass reloads every group's parameters: int3 g128 1.15×). In
-  // segments a row is read a piece at a time, so the prefetch runs rows ahead at the same offset.
+  // One row (decode), per channel, b = 2 or 4, x past BN_X1 bytes (K > 6144 in fp32): L1-sized segments. These
+  // decode faster than L2 feeds them one x float per weight (warm, 2 threads: int4 fp32 1840 µs at 4096×11008 with
+  // 43 KB of x per row against 1150 at 11008×4096; bf16 pairs, 22 KB, 823 vs 918). Cold 4096×11008, 4 runs
+  // (bench/kernel_ab.py): int4 0.60–0.96× the time, int2 0.72–0.98×. Not b = 3 (0.88–1.12×), int8 (memory-bound:
+  // 1.12–1.78×) nor grouped rows (each pass reloads every group's parameters: int3 g128 1.00–1.23×). In segments
+  // a row is read a piece at a time, so the prefetch runs rows ahead at the same offset.
   const int64_t seg1 = std::max<int64_t>(unit, BN_X1 / (4 * D::SP::XE / E) / unit * unit);
-  const bool pieces = M == 1 && kr.whole && D::B <= 4 && d.K() > seg1;
+  const bool pieces = M == 1 && kr.whole && (D::B == 2 || D::B == 4) && d.K() > seg1;
   if (pieces) {
     const int64_t nseg = (d.K() + seg1 - 1) / seg1;  // segments of equal size (K = 11008 fp32: 2 × 5504)
     seg = ((d.K() + nseg - 1) / nseg + unit - 1) / unit * unit;
