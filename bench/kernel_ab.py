@@ -1,6 +1,6 @@
 """Kernel A/B: builds of the C++ kernels side by side in one process, interleaved, on cold or warm weights.
 
-    python bench/kernel_ab.py --variant base= --variant split=-DBN_SPLIT_B=4 --formats "int2,int3 g128" --rows 1,16
+    python bench/kernel_ab.py --variant base= --variant pf4k=-DBN_PFD=4096 --formats "int2,int3 g128" --rows 1,16
     python bench/kernel_ab.py --variant old=/tmp/old_kernels.cpp --variant new= --cold
 
 A variant is NAME=SPEC: SPEC empty (this checkout's csrc/cpu_kernels.cpp), a path to another kernel source (an
@@ -92,13 +92,11 @@ def main() -> None:
     bad = [a for a in args.act.split(",") if a not in ACT]
     if bad:
         raise SystemExit(f"kernel_ab: unknown activation dtypes {bad}; known: {', '.join(ACT)}")
+    specs = dict(v.partition("=")[::2] for v in args.variant)
+    if len(specs) < 2:
+        raise SystemExit("kernel_ab: give at least two --variant with distinct names")
     threads()
-    variants = {}
-    for v in args.variant:
-        name, _, spec = v.partition("=")
-        variants[name] = build(name, spec.strip())
-    if len(variants) < 2:
-        raise SystemExit("kernel_ab: give at least two --variant")
+    variants = {name: build(name, spec.strip()) for name, spec in specs.items()}
     n_out, n_in = (int(v) for v in args.shape.lower().split("x"))
     torch.manual_seed(0)
     W = torch.randn(n_out, n_in) * 0.02
@@ -119,11 +117,10 @@ def main() -> None:
                 first = None
                 for vname, mod in variants.items():
                     y = call(mod, x, p0)
-                    if first is None:
-                        first = y
-                    elif ((y - first).norm() / first.norm()).item() > 1e-5:
-                        flagged.append(f"{n} {act} rows {m}: {vname} differs from the first variant by "
-                                       f"{((y - first).norm() / first.norm()).item():.2e}")
+                    first = y if first is None else first
+                    rel = ((y - first).norm() / first.norm()).item()
+                    if rel > 1e-5:
+                        flagged.append(f"{n} {act} rows {m}: {vname} differs from the first variant by {rel:.2e}")
                     state = {"i": 0}
 
                     def fn(mod=mod, x=x, copies=copies, state=state):
