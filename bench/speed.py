@@ -31,6 +31,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("KMP_BLOCKTIME", "0")  # as `import bitnest` does, before torch starts MKL's threads
+# every tensor of ≥ 2 MiB on huge pages — fp32/bf16 weights and the peers' too, not only the packed codes that
+# bitnest places itself (bitnest/hugepages.py): every row gets the same memory (read before torch's first allocation)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
 import copy
@@ -698,7 +701,7 @@ def _last_run_date(tag: str, out_json: Path) -> str:
 
 
 def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
-    env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY"))
+    env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE"))
     from bitnest.kernels import cpu
     tag = isa_tag()
     title = "Speed: packed layers and whole models" + (f" ({tag[1:].upper()} CPU)" if tag else "")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import hugepages
 from .errors import BitnestError
 from .methods import QuantConfig, get_method
 from .models.blocks import select_linears
@@ -38,6 +39,7 @@ def quantize(model: torch.nn.Module, method: str = "rtn", config: QuantConfig | 
             raise BitnestError(f"weight {n} contains NaN or Inf values; refusing to quantize a broken model")
     with torch.no_grad():
         get_method(method).fn(model, config, names, progress=progress, calib=calib, tokenizer=tokenizer)
+    hugepages.place_module(model)  # the packed codes every token streams, on 2 MiB pages (hugepages.py)
     model.bitnest_method = (method, config)
     return model
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from . import hugepages
 from .errors import BitnestError
 
 DEFAULT_STRATEGY = "reverse_pyramid"  # the best of the paper's strategies on ref-10m (BENCHMARKS.md, matquant)
@@ -106,7 +107,9 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def attach(model: nn.Module) -> nn.Module:
-    """Bind `model.set_precision(...)` and `model.precision()` (a loaded bitnest model gets them from load_model)."""
+    """Bind `model.set_precision(...)` and `model.precision()` (a loaded bitnest model gets them from load_model),
+    and put the packed codes on huge pages where a loader did not already (hugepages.py)."""
+    hugepages.place_module(model)
     object.__setattr__(model, "set_precision", types.MethodType(set_precision, model))
     object.__setattr__(model, "precision", types.MethodType(precision, model))
     return model

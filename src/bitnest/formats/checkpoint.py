@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import hugepages
 from ..errors import BitnestError
 
 FORMAT_VERSION = 1
@@ -294,7 +295,8 @@ def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
                 dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], [int(d) for d in info["shape"]], info["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise BitnestError(f"{f}: tensor {name!r} has a malformed header entry (or a dtype bitnest does not read)") from None
-            t = torch.empty(shape, dtype=dtype)
+            # packed codes (integers) on huge pages: every token streams them (bitnest/hugepages.py)
+            t = torch.empty(shape, dtype=dtype) if dtype.is_floating_point else hugepages.empty(shape, dtype)
             if t.numel() * t.element_size() != end - start or not 0 <= start <= end <= size - base:
                 raise BitnestError(f"{f}: tensor {name} does not fit its header (offsets {start}..{end}, shape {shape})")
             fh.seek(base + start)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .. import hugepages
+
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 _lock = threading.Lock()
@@ -235,4 +237,7 @@ def int8(x: torch.Tensor, p) -> torch.Tensor:
 
 
 def slice_pack(qweight: torch.Tensor, c: int, r: int, in_features: int, clamp: bool = True) -> torch.Tensor:
-    return ext().slice_pack(qweight, c, r, in_features, clamp)
+    """The slice written straight into huge pages where it is large enough (bitnest/hugepages.py): a working copy
+    is streamed by every token, like the codes it comes from."""
+    out = hugepages.empty((qweight.shape[0], (in_features * (r if clamp else r + 1) + 7) // 8), torch.uint8)
+    return ext().slice_pack(qweight, c, r, in_features, clamp, out)

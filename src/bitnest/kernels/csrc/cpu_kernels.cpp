@@ -2149,13 +2149,16 @@ inline uint64_t slice8(uint64_t w, int s, int r, int ob, bool clamp) {
 
 // c-bit codes packed at c bits (N, ⌈K·c/8⌉) -> t = min((q >> s) + ((q >> (s−1)) & 1), 2^r − 1), s = c − r,
 // packed at r bits (clamp=false: no min, t may reach 2^r, written at r + 1 bits). Same bits as
-// grids/nested.py::slice_codes followed by formats/packing.py::pack.
-Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool clamp) {
+// grids/nested.py::slice_codes followed by formats/packing.py::pack. out_: where to write (the caller's huge-page
+// buffer, bitnest/hugepages.py), else a new tensor.
+Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool clamp, const optional<Tensor>& out_) {
   TORCH_CHECK(qweight.dtype() == at::kByte && qweight.is_contiguous() && qweight.size(1) == (K * c + 7) / 8, "slice qweight");
   TORCH_CHECK(1 <= r && r < c && c <= 8, "slice widths");
   const int ob = static_cast<int>(clamp ? r : r + 1);
   const int64_t N = qweight.size(0), rb_in = qweight.size(1), rb_out = (K * ob + 7) / 8;
-  Tensor out = at::empty({N, rb_out}, qweight.options());
+  Tensor out = out_.has_value() ? *out_ : at::empty({N, rb_out}, qweight.options());
+  TORCH_CHECK(out.dtype() == at::kByte && out.is_contiguous() && out.dim() == 2 && out.size(0) == N && out.size(1) == rb_out,
+              "slice_pack out");
   const uint8_t* Q = qweight.data_ptr<uint8_t>();
   uint8_t* O = out.data_ptr<uint8_t>();
   const int s = static_cast<int>(c - r);
