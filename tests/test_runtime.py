@@ -130,3 +130,26 @@ def test_generate_cli_streams_switches_and_refuses(nested_ckpt, capsys, monkeypa
     for argv in (["--bits", "9"], ["--bits", "4", "--budget", "3"], ["--max-new-tokens", "0"], ["--max-new-tokens", "100000"]):
         assert main(["generate", "--model", str(nested_ckpt), "--prompt", "hi", *argv]) == 2
         assert capsys.readouterr().err.startswith("bitnest: error:")
+
+
+def test_packed_view_is_reused_and_follows_its_tensors(nested_ckpt, ids):
+    """The layer's packed view (nn/view.py) is built once; rebinding a buffer, a switch or .to() rebuilds it, and an
+    in-place write is seen through it (it references the buffers, never copies them)."""
+    model = load_model(nested_ckpt).model
+    lin = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    p = lin.packed
+    assert lin.packed is p and kernels.path_for(ids.float(), p) == kernels.path_for(ids.float(), lin.packed)
+    model.set_precision(4)
+    p4 = lin.packed
+    assert p4 is not p and p4.bits == 4 and lin.packed is p4 and p4.qweight is lin.qweight_r
+    model.set_precision(8)
+    assert lin.packed.qweight is lin.qweight and lin.packed.bits == 8
+    before = _logits(model, ids)
+    q = lin.qweight.clone()
+    with torch.no_grad():
+        lin.qweight.copy_(torch.flip(q, [0]))  # in place: the same view, new values
+    assert lin.packed.qweight is lin.qweight and not torch.equal(_logits(model, ids), before)
+    lin.qweight = q  # rebound: a new view
+    assert lin.packed.qweight is q and torch.equal(_logits(model, ids), before)
+    model.to(torch.float64)  # _apply drops the view; the codes are integers and stay
+    assert "_view" not in lin.__dict__ and lin.packed.qweight is lin.qweight

@@ -43,6 +43,7 @@ class Path:
 
 _PATHS: dict[tuple[str, str], list[Path]] = {}
 _CHOICE: dict[tuple, Path] = {}
+_CHOICE_GEN: list[str] = []  # one entry per registration
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("bitnest_kernel_path", default=None)
 
 
@@ -51,6 +52,7 @@ def register(device: str, kind: str, name: str, supports: Callable[[Packed], boo
     def deco(fn):
         _PATHS.setdefault((device, kind), []).append(Path(name, fn, supports))
         _CHOICE.clear()
+        _CHOICE_GEN.append(name)  # invalidates the choices memoised on packed views
         return fn
     return deco
 
@@ -66,13 +68,20 @@ def _forced() -> str | None:
 
 
 def _select(x: torch.Tensor, p: Packed) -> Path:
-    forced = _forced()
-    key = (x.device.type, *p.key(), p.in_features, p.out_features, forced)
+    forced, dev = _forced(), x.device.type
+    # a layer hands in the same packed view every forward (nn/view.py): its last choice rides on it, so a decode
+    # step skips building the key (≈ 2–4 µs of Python per call); a registration (len(_PATHS)) or another device
+    # or forced path looks it up again
+    memo = p.__dict__.get("_path")
+    if memo is not None and memo[0] == dev and memo[1] == forced and memo[2] == len(_CHOICE_GEN):
+        return memo[3]
+    key = (dev, *p.key(), p.in_features, p.out_features, forced)
     path = _CHOICE.get(key)
     if path is None:
-        cands = [c for c in _PATHS.get((x.device.type, p.kind), []) if forced in (None, c.name)]
+        cands = [c for c in _PATHS.get((dev, p.kind), []) if forced in (None, c.name)]
         path = next((c for c in cands if c.supports(p)), _REF[p.kind])
         _CHOICE[key] = path
+    object.__setattr__(p, "_path", (dev, forced, len(_CHOICE_GEN), path))
     return path
 
 

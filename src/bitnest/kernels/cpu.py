@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import hugepages
+from .reference import LN_EPS, affine_input, int8_quantize_input, sign_epilogue
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
@@ -136,8 +137,22 @@ def _simd() -> bool:
     return os.environ.get("BITNEST_CPU_SIMD", "1") != "0"
 
 
+# The per-call Python around a kernel is part of every decoded token (154 Linears in a 1.1B Llama), so the paths
+# below skip what a decode step does not need: the module is taken from _state (a registered cpu path was chosen
+# only where it was built), and no reshape or cast is issued where x already has the shape or dtype.
+def _mod():
+    return _state.get("mod") or ext()
+
+
 def _rows2d(x: torch.Tensor, n_in: int) -> torch.Tensor:
-    return x.reshape(-1, n_in)
+    return x if x.dim() == 2 else x.reshape(-1, n_in)
+
+
+def _out(y: torch.Tensor, x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """y (M, out) in x's dtype and leading shape."""
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
 
 
 def native_bf16() -> bool:
@@ -182,25 +197,23 @@ def _check_affine(p) -> None:
 
 
 def affine(x: torch.Tensor, p) -> torch.Tensor:
-    from .reference import affine_input
     x = affine_input(x, p)
     x2 = _rows2d(x, p.in_features)
-    m = ext()
+    m = _mod()
     args = _affine_args(p)
     if x2.shape[0] <= GEMV_MAX_ROWS:
         y = m.affine_linear(x2, *args, _simd())
     else:
         y = tiled_mm(x2, p.out_features, lambda r0, r1: m.affine_dequant(*args, r0, r1, _mm_dtype(x), _simd()), _mm_dtype(x))
-    return y.to(x.dtype).reshape(*x.shape[:-1], p.out_features)
+    return _out(y, x, p.out_features)
 
 
 def sign(x: torch.Tensor, p) -> torch.Tensor:
-    from .reference import LN_EPS, sign_epilogue
     x2 = _rows2d(x, p.in_features)
-    m = ext()
+    m = _mod()
     if x2.shape[0] <= GEMV_MAX_ROWS:  # the 1-bit affine kernels; g, h and the LayerNorm applied in the same call
         y = m.sign_affine_linear(x2, p.qweight, p.in_features, p.g, p.h, p.post_ln, LN_EPS, _simd())
-        return y.to(x.dtype).reshape(*x.shape[:-1], p.out_features)
+        return _out(y, x, p.out_features)
     else:
         dt = _mm_dtype(x)
         u = x2.to(dt) if p.g is None else x2.to(dt) * p.g.to(dt)  # (M, in)
@@ -213,7 +226,7 @@ def sign(x: torch.Tensor, p) -> torch.Tensor:
 
 def codebook(x: torch.Tensor, p) -> torch.Tensor:
     x2 = _rows2d(x, p.in_features)
-    m = ext()
+    m = _mod()
     g = -1 if p.group_size in (None, -1) else p.group_size
     if x2.shape[0] <= GEMV_MAX_ROWS:
         y = m.codebook_linear(x2, p.qweight, p.bits, p.in_features, p.table, p.scale, g, _simd())
@@ -221,11 +234,10 @@ def codebook(x: torch.Tensor, p) -> torch.Tensor:
         dt = _mm_dtype(x)
         y = tiled_mm(x2, p.out_features, lambda r0, r1: m.codebook_dequant(p.qweight, p.bits, p.in_features, p.table,
                                                                             p.scale, g, r0, r1, dt, _simd()), dt)
-    return y.to(x.dtype).reshape(*x.shape[:-1], p.out_features)
+    return _out(y, x, p.out_features)
 
 
 def int8(x: torch.Tensor, p) -> torch.Tensor:
-    from .reference import int8_quantize_input
     x_q = int8_quantize_input(x, p).reshape(-1, p.in_features)  # (N, in) int8
     m = ext()
     if x_q.shape[0] > GEMV_MAX_ROWS and p.in_features % 64 == 0 and p.out_features % 8 == 0:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-import dataclasses
-
 from .. import kernels
 from ..errors import BitnestError
 from ..kernels.reference import fake_quant_sym, quant_act  # noqa: F401 — the activation grid, shared with calibration
@@ -56,7 +54,11 @@ class ActQuantLinear(QuantLinear):
 
     @property
     def packed(self) -> kernels.Affine:
-        return dataclasses.replace(super().packed, act_bits=self.act_bits, act_scale=self.act_scale)
+        b, r = self._buffers, self.serve_bits
+        q = b["qweight"] if r == self.bits and self._slice_of is None else self._working_codes()
+        s, z, a = b["scale"], b["zero"], b["act_scale"]
+        return self.packed_view((q, r, s, z, a, self.act_bits), lambda: kernels.Affine(
+            q, r, self.in_features, s, z, self.group_size, self.parent_bits, act_bits=self.act_bits, act_scale=a))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.packed, self.bias)

@@ -15,9 +15,10 @@ from ..formats.packing import pack, packed_len, unpack
 from ..grids.affine import AffineSpec, grouped
 from ..grids.codebook import TABLE_DTYPE, lookup
 from .qlinear import fill
+from .view import PackedView
 
 
-class CodebookLinear(nn.Module):
+class CodebookLinear(PackedView):
     kind = "codebook"
     keep_dtype = ("table", "scale")
 
@@ -68,7 +69,10 @@ class CodebookLinear(nn.Module):
 
     @property
     def packed(self) -> kernels.Codebook:
-        return kernels.Codebook(self.qweight, self.bits, self.in_features, self.table, self.scale, self.group_size)
+        b = self._buffers
+        q, t, s = b["qweight"], b["table"], b["scale"]
+        return self.packed_view((q, t, s), lambda: kernels.Codebook(
+            q, self.bits, self.in_features, t, s, self.group_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.packed, self.bias)

@@ -17,10 +17,11 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import reference
+from .view import PackedView
 from ..kernels.integer import QMAX, int8_matmul, quantize_multiplier, requantize, simulate_requantize
 
 
-class IntLinear(nn.Module):
+class IntLinear(PackedView):
     kind = "intlinear"
     keep_dtype = ("x_scale", "y_scale")
 
@@ -66,7 +67,9 @@ class IntLinear(nn.Module):
 
     @property
     def packed(self) -> kernels.Int8:
-        return kernels.Int8(self.qweight, self.M0, self.k, self.bias_q, self.x_scale, self.y_scale)
+        b = self._buffers
+        parts = (b["qweight"], b["M0"], b["k"], b["bias_q"], b["x_scale"], b["y_scale"])
+        return self.packed_view(parts, lambda: kernels.Int8(*parts))
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return reference.int8_quantize_input(x, self.packed)

@@ -23,6 +23,7 @@ from ..errors import BitnestError
 from ..formats.packing import packed_len
 from ..grids.sign import VALUE_BITS, pack_signs, sign, sign_ste, svid, unpack_signs
 from ..kernels.reference import LN_EPS, sign_linear  # noqa: F401 — the one formula, shared by training and serving
+from .view import PackedView
 
 STORE_DTYPE = torch.float16  # g, h on disk
 INITS = ("nmf", "svd", "sign")
@@ -44,7 +45,7 @@ def fp16_ste(v: torch.Tensor) -> torch.Tensor:
     return _RoundFp16STE.apply(v)
 
 
-class PackedSignLinear(nn.Module):
+class PackedSignLinear(PackedView):
     """A served 1-bit layer: packed signs + float16 value vectors; forward from the packed form."""
 
     kind = "onebit"
@@ -106,7 +107,9 @@ class PackedSignLinear(nn.Module):
 
     @property
     def packed(self) -> kernels.Sign:
-        return kernels.Sign(self.qweight, self.in_features, self.g, self.h, self.post_ln)
+        b = self._buffers
+        q, g, h = b["qweight"], b["g"], b["h"]
+        return self.packed_view((q, g, h, self.post_ln), lambda: kernels.Sign(q, self.in_features, g, h, self.post_ln))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.packed, self.bias)

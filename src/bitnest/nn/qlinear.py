@@ -23,6 +23,7 @@ from ..errors import BitnestError
 from ..formats.packing import pack, packed_len
 from ..grids.affine import AffineSpec, STORE_DTYPE, fit, quantize
 from ..kernels import reference
+from .view import PackedView
 
 
 def fill(m: nn.Module, **tensors) -> nn.Module:
@@ -33,7 +34,7 @@ def fill(m: nn.Module, **tensors) -> nn.Module:
     return m
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedView):
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int | None,
                  symmetric: bool, parent_bits: int | None = None, serve_bits: int | None = None,
                  bias: bool = False, device=None):
@@ -107,10 +108,11 @@ class QuantLinear(nn.Module):
             raise BitnestError(f"cannot serve this layer at {r} bits: it stores {self.bits}-bit codes"
                                + ("" if self.nested else " of a standalone slice (only its own width)"))
         self.serve_bits = r
+        self.drop_view()  # the view references the previous working copy: let it go before the next is built
         self._working_codes()
 
     def _codes_id(self) -> tuple:
-        q = self.qweight
+        q = self._buffers["qweight"]
         return (q.data_ptr(), q._version, q.device)
 
     def _working_codes(self) -> torch.Tensor:
@@ -121,17 +123,18 @@ class QuantLinear(nn.Module):
                 self.qweight_r, self._slice_of = None, None
             return self.qweight
         src = self._codes_id()
-        if self._slice_of != (r, src):
-            if self._slices and self._slices.get("src") != src:
-                self._slices = {}
-            w = self._slices.get(r)
-            if w is None:
-                self.qweight_r = None  # free the previous copy before building the next
-                w = kernels.slice_pack(self.qweight, self.bits, r, self.in_features)  # (out, ⌈in·r/8⌉)
-            if self.cache_slices:
-                self._slices.update({r: w, "src": src})
-            self.qweight_r, self._slice_of = w, (r, src)
-        return self.qweight_r
+        if self._slice_of == (r, src):  # the common case, every forward: no module attribute look-ups
+            return self._buffers["qweight_r"]
+        if self._slices and self._slices.get("src") != src:
+            self._slices = {}
+        w = self._slices.get(r)
+        if w is None:
+            self.qweight_r = None  # free the previous copy before building the next
+            w = kernels.slice_pack(self.qweight, self.bits, r, self.in_features)  # (out, ⌈in·r/8⌉)
+        if self.cache_slices:
+            self._slices.update({r: w, "src": src})
+        self.qweight_r, self._slice_of = w, (r, src)
+        return w
 
     def standalone(self) -> "QuantLinear":
         """The r-bit layer of the width served now (`bitnest slice`): r-bit codes, the parent's α and z."""
@@ -145,8 +148,12 @@ class QuantLinear(nn.Module):
 
     @property
     def packed(self) -> kernels.Affine:
-        return kernels.Affine(self._working_codes(), self.serve_bits, self.in_features, self.scale, self.zero,
-                              self.group_size, self.parent_bits)
+        b, r = self._buffers, self.serve_bits
+        plain = r == self.bits and self._slice_of is None  # (else the working copy, with its own checks and clean-up)
+        q = b["qweight"] if plain else self._working_codes()
+        s, z = b["scale"], b["zero"]
+        return self.packed_view((q, r, s, z), lambda: kernels.Affine(q, r, self.in_features, s, z, self.group_size,
+                                                                     self.parent_bits))
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The weight this layer computes with, materialized (for inspection and tests; forward never does)."""
