@@ -12,7 +12,11 @@ repeat, in a shuffled order, as a burst of back-to-back calls whose first is not
 and 16 every row cycles through copies of its weight totalling ≥ 256 MB, so each call reads its weight from memory
 as a decoding model does (a 16 MB weight would otherwise sit in the 32 MB L3);
 `speedup_fp32` = fp32 F.linear time ÷ the row's time, and at batch 1 the row's fraction of the roofline, its
-weight bytes ÷ the machine's measured read bandwidth.
+weight bytes ÷ the machine's measured read bandwidth. bitnest's copies hold their packed codes on 2 MiB pages, as
+its loader places them (bitnest/hugepages.py); fp32/bf16 weights and the peers' live where torch allocates them
+(4 KiB pages where THP is `madvise`): the fp32 weight on huge pages ran 1.00× its time (geometric mean of 5
+interleaved A/B runs, bench/kernel_ab.py --pages both). THP_MEM_ALLOC_ENABLE=1 is not used: it puts every
+temporary of ≥ 2 MiB on fresh huge pages too, and the prefill tiles then pay a page clear per call.
 
 End to end (ref-10m and a synthetic Llama of TinyLlama-1.1B shape, random weights): greedy decode of 128 tokens
 at batch 1 (tokens/s after the first) and a 512-token prefill, each format in its own fresh process (so RSS is its
@@ -31,9 +35,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("KMP_BLOCKTIME", "0")  # as `import bitnest` does, before torch starts MKL's threads
-# every tensor of ≥ 2 MiB on huge pages — fp32/bf16 weights and the peers' too, not only the packed codes that
-# bitnest places itself (bitnest/hugepages.py): every row gets the same memory (read before torch's first allocation)
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
 import copy
@@ -51,6 +52,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, fmt_table, header, machine, write_json, write_section  # noqa: E402
+
+from bitnest import hugepages  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 BATCHES = [1, 16, 512]
@@ -297,6 +300,9 @@ def layer_bench(shapes, batches, reps_by_batch, bandwidth: float) -> tuple[list[
                 k = copies_for(nbytes, batch)
                 if id(module) not in copies:
                     copies[id(module)] = [module] + [make() if make else copy.deepcopy(module) for _ in range(k - 1)]
+                    if library == "bitnest":  # packed codes where bitnest's loader and quantize put them
+                        for c in copies[id(module)]:
+                            hugepages.place_module(c)
                 mods = copies[id(module)]
                 x = xs[act]
                 shift = len(mods) // 2 if act == "bf16" else 0  # the two rows of a module never read the same copy in a repeat
@@ -701,7 +707,7 @@ def _last_run_date(tag: str, out_json: Path) -> str:
 
 
 def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
-    env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE"))
+    env = ", ".join(f"{k}={os.environ.get(k)}" for k in ("KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE", "BITNEST_HUGEPAGES"))
     from bitnest.kernels import cpu
     tag = isa_tag()
     title = "Speed: packed layers and whole models" + (f" ({tag[1:].upper()} CPU)" if tag else "")
