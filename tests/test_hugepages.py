@@ -88,3 +88,15 @@ def test_loader_slices_and_modules_are_placed(tmp_path):
     scale = m.scale
     assert hp.place_module(m) == q8.numel() and hp.is_placed(m.qweight) and m.scale is scale
     assert torch.equal(m.qweight, q8)
+
+
+@needs_thp
+def test_place_module_drops_cached_views():
+    from bitnest.grids.affine import AffineSpec
+    from bitnest.nn.qlinear import QuantLinear
+    q = QuantLinear.from_linear(torch.nn.Linear(2048, 1024, bias=False), AffineSpec(8, None, False))  # 2 MiB of codes
+    x = torch.randn(2, 2048)
+    y = q(x)
+    assert "_view" in q.__dict__
+    assert hp.place_module(q) == 2 << 20 and "_view" not in q.__dict__ and hp.is_placed(q.qweight)
+    assert torch.equal(q(x), y) and q.packed.qweight is q.qweight

@@ -153,3 +153,20 @@ def test_packed_view_is_reused_and_follows_its_tensors(nested_ckpt, ids):
     assert lin.packed.qweight is q and torch.equal(_logits(model, ids), before)
     model.to(torch.float64)  # _apply drops the view; the codes are integers and stay
     assert "_view" not in lin.__dict__ and lin.packed.qweight is lin.qweight
+
+
+def test_layers_pickle_after_a_forward_on_every_path():
+    """The cached view (and the path memoised on it, which holds functions) is left out of pickles and copies."""
+    import copy
+    import pickle
+
+    from bitnest.grids.affine import AffineSpec
+    lin = torch.nn.Linear(256, 64, bias=True)
+    q = QuantLinear.from_linear(lin, AffineSpec(4, 64, False))
+    x = torch.randn(3, 256)
+    for path in ("reference", None):
+        with kernels.use(path):
+            y = q(x)
+            for clone in (pickle.loads(pickle.dumps(q)), copy.deepcopy(q)):
+                assert "_view" not in clone.__dict__ and torch.equal(clone(x), y)
+            assert "_path" not in pickle.loads(pickle.dumps(q.packed)).__dict__

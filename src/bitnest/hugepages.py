@@ -21,6 +21,7 @@ argument unchanged.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 import weakref
@@ -28,8 +29,10 @@ import weakref
 import torch
 
 HUGE = 2 << 20  # bytes of one huge page (x86-64, and arm64 with 4 KiB base pages)
-PAGE = 4096
-_PROT_RW, _MAP_PRIVATE_ANON, _MADV_HUGEPAGE = 0x1 | 0x2, 0x02 | 0x20, 14
+PAGE = mmap.PAGESIZE
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_PRIVATE_ANON = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 _libc = None
 _ok: bool | None = None
 
@@ -49,17 +52,19 @@ def supported() -> bool:
     if os.environ.get("BITNEST_HUGEPAGES", "1").lower() in ("0", "off", "false", "no"):
         return False
     if _ok is None:
-        _ok = sys.platform.startswith("linux") and _thp_mode() in ("always", "madvise")
-        if _ok:
+        ok = sys.platform.startswith("linux") and _thp_mode() in ("always", "madvise")
+        if ok:
             try:
-                _libc = ctypes.CDLL(None, use_errno=True)
-                _libc.mmap.restype = ctypes.c_void_p
-                _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                       ctypes.c_long]
-                _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-                _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.mmap.restype = ctypes.c_void_p
+                libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_long]
+                libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _libc = libc
             except (OSError, AttributeError):
-                _ok = False
+                ok = False
+        _ok = ok  # last: another thread sees True only once _libc is ready
     return _ok
 
 
@@ -91,7 +96,8 @@ def _mapped(nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor | None:
         return None
     addr, length = m
     buf = (ctypes.c_uint8 * nbytes).from_address(addr)
-    weakref.finalize(buf, _libc.munmap, addr, length)  # the tensor's storage keeps buf alive
+    # the tensor's storage keeps buf alive; not at interpreter exit (a daemon thread may still be decoding)
+    weakref.finalize(buf, _libc.munmap, addr, length).atexit = False
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
 
@@ -133,4 +139,6 @@ def place_module(model: torch.nn.Module, min_bytes: int = HUGE) -> int:
             if p is not b:
                 mod._buffers[name] = p
                 moved += p.numel() * p.element_size()
+                if hasattr(mod, "drop_view"):  # a cached packed view would keep the old copy alive
+                    mod.drop_view()
     return moved

@@ -27,8 +27,18 @@ def groups(in_features: int, group_size: int | None) -> tuple[int, int]:
     return g, in_features // g
 
 
+class _View:
+    """kernels.linear memoises the path it chose on a view (`_path`); a pickled or copied view leaves it behind
+    (paths hold functions, and another process may have other paths)."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_path", None)
+        return state
+
+
 @dataclass(frozen=True, eq=False)
-class Affine:
+class Affine(_View):
     qweight: torch.Tensor            # (out, ⌈in·bits/8⌉) uint8
     bits: int                        # width of the stored codes t
     in_features: int
@@ -61,7 +71,7 @@ class Affine:
 
 
 @dataclass(frozen=True, eq=False)
-class Sign:
+class Sign(_View):
     qweight: torch.Tensor            # (out, ⌈in/8⌉) uint8, bit 1 = negative
     in_features: int
     g: torch.Tensor | None           # (in,) float16
@@ -80,7 +90,7 @@ class Sign:
 
 
 @dataclass(frozen=True, eq=False)
-class Codebook:
+class Codebook(_View):
     qweight: torch.Tensor            # (out, ⌈in·bits/8⌉) uint8 indices
     bits: int
     in_features: int
@@ -98,7 +108,7 @@ class Codebook:
 
 
 @dataclass(frozen=True, eq=False)
-class Int8:
+class Int8(_View):
     qweight: torch.Tensor            # (out, in) int8
     M0: torch.Tensor                 # (out,) int32: requantization multiplier M ≈ M0 · 2^−k
     k: torch.Tensor                  # (out,) int8

@@ -209,6 +209,10 @@ class ExtraPrecisionLinear(nn.Module):
             self._serving = (key, self._build_packed())
         return self._serving[1]
 
+    def drop_view(self) -> None:
+        """Forget the served view (hugepages.place_module: it would keep the old codes alive)."""
+        self._serving = None
+
     def _build_packed(self) -> kernels.Affine:
         c, r, K = self.parent_bits, self.serve_bits, self.in_features
         rowptr = cols = None

@@ -32,6 +32,11 @@ class PackedView(nn.Module):
         """Forget the view (and the tensors it references) now rather than at the next forward."""
         self.__dict__.pop("_view", None)
 
+    def __getstate__(self):  # pickling, deepcopy: the view is a cache (and holds the kernel path chosen for it)
+        state = self.__dict__.copy()
+        state.pop("_view", None)
+        return state
+
     def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the view would keep the old tensors alive
         self.drop_view()
         return super()._apply(fn, recurse)
