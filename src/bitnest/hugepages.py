@@ -77,7 +77,7 @@ def _map(nbytes: int) -> tuple[int, int] | None:
     addr = -(-raw // HUGE) * HUGE
     if addr > raw:  # trim the unaligned head and whatever lies past the tensor's last page
         _libc.munmap(raw, addr - raw)
-    tail = raw + length + HUGE - (addr + length)
+    tail = raw + HUGE - addr  # the mapping's end minus the tensor's: what the head trim did not take
     if tail:
         _libc.munmap(addr + length, tail)
     _libc.madvise(addr, length, _MADV_HUGEPAGE)  # advice only: a refusal leaves ordinary pages
@@ -108,7 +108,7 @@ def wanted(nbytes: int, min_bytes: int = HUGE) -> bool:
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """torch.empty(shape, dtype=dtype) on the CPU, on huge pages when it is ≥ 2 MiB (then zero-filled)."""
     shape = torch.Size(shape)
-    nbytes = shape.numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = shape.numel() * dtype.itemsize
     out = _mapped(nbytes, dtype, shape) if nbytes and wanted(nbytes) else None
     return torch.empty(shape, dtype=dtype) if out is None else out
 
