@@ -100,3 +100,50 @@ def test_place_module_drops_cached_views():
     assert "_view" in q.__dict__
     assert hp.place_module(q) == 2 << 20 and "_view" not in q.__dict__ and hp.is_placed(q.qweight)
     assert torch.equal(q(x), y) and q.packed.qweight is q.qweight
+
+
+@needs_thp
+def test_recycling_reuses_freed_mappings_and_releases_the_rest():
+    with hp.recycling():
+        a = hp.empty((8 << 20,), torch.uint8)
+        addr = a.untyped_storage().data_ptr()
+        a.fill_(7)
+        del a
+        gc.collect()
+        assert _vma(addr) is not None  # kept for the next request
+        b = hp.empty((4 << 20,), torch.uint8)  # fits: the freed mapping, cut to 4 MiB, contents as they were
+        assert b.untyped_storage().data_ptr() == addr and int(b[-1]) == 7
+        assert _vma(addr)["Size"] == 4 << 10  # kB: the tail went back to the system
+        del b
+        gc.collect()
+        c = hp.empty((6 << 20,), torch.uint8)  # does not fit: fresh, and the pool is emptied
+        assert c.untyped_storage().data_ptr() != addr and _vma(addr) is None
+        d = hp.empty((4 << 20,), torch.uint8)
+        daddr = d.untyped_storage().data_ptr()
+        del d
+        gc.collect()
+    assert _vma(daddr) is None  # released at the end of the block
+    addr_c = c.untyped_storage().data_ptr()
+    del c
+    gc.collect()
+    assert _vma(addr_c) is None  # outside the block a freed mapping is unmapped at once
+
+
+@needs_thp
+@pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the slices are built by the reference")
+def test_a_switch_to_a_narrower_width_builds_in_the_freed_copy():
+    from bitnest import runtime
+    from bitnest.grids.affine import AffineSpec
+    from bitnest.nn.qlinear import QuantLinear
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(QuantLinear.from_linear(torch.nn.Linear(4096, 2048, bias=False), AffineSpec(8, None, False)))
+    runtime.attach(model)
+    x = torch.randn(3, 4096)
+    model.set_precision(4)  # int4 copy: 4 MiB
+    addr4 = model[0].qweight_r.untyped_storage().data_ptr()
+    model.set_precision(2)  # int2 copy: 2 MiB, in the int4 copy's mapping
+    assert model[0].qweight_r.untyped_storage().data_ptr() == addr4 and _vma(addr4)["Size"] == 2 << 10
+    ref = QuantLinear.from_linear(torch.nn.Linear(4096, 2048, bias=False), AffineSpec(8, None, False))
+    ref.load_state_dict(model[0].state_dict())
+    ref.set_serve_bits(2)  # built outside any switch: fresh memory
+    assert torch.equal(model[0].qweight_r, ref.qweight_r) and torch.equal(model(x), ref(x))
