@@ -487,23 +487,6 @@ def _import_model_code(path: str) -> None:
         AutoModelForCausalLM.from_config(cfg)
 
 
-def _fresh_touch_seconds(nbytes: int) -> float:
-    """Seconds this process takes to write `nbytes` of memory it never had (a fresh anonymous mapping, written
-    once by every thread, as the slice builder writes its copies): what a switch pays before any slicing. On a VM
-    whose host backs guest memory on demand this is far from the bandwidth (bitnest/hugepages.py)."""
-    if nbytes <= 0:
-        return 0.0
-    import mmap
-    m = mmap.mmap(-1, nbytes)
-    t = torch.frombuffer(m, dtype=torch.uint8)
-    t0 = time.perf_counter()
-    t.fill_(1)
-    dt = time.perf_counter() - t0
-    del t
-    m.close()
-    return dt
-
-
 def worker(spec: dict) -> dict:
     """One format in a fresh process: load, RSS, decode, prefill (and the switch plan for nested checkpoints)."""
     threads()
@@ -532,16 +515,13 @@ def worker(spec: dict) -> dict:
     res.update(_decode(model, spec["decode"], vocab))
     res["prefill_tok_s"] = _prefill(model, spec["prefill"], vocab)
     if spec.get("switch"):
-        sw, before = [], runtime.resident_bytes(model)
+        sw = []
         for r in spec["switch"]:
             out, rc, rb = _io_delta(lambda: model.set_precision(r, cache=False))
-            grew = max(0, out["resident_bytes"] - before)  # new working copies the freed ones could not hold
-            before = out["resident_bytes"]
-            touch = _fresh_touch_seconds(grew)
             d = _decode(model, spec["decode"], vocab)
             sw.append({"to": r, "switch_seconds": out["switch_seconds"], "read_bytes_during_switch": rc + rb,
                        "decode_tok_s": d["decode_tok_s"], "resident_bytes": out["resident_bytes"],
-                       "bits_per_weight": out["bits_per_weight"], "fresh_bytes": grew, "fresh_touch_seconds": touch})
+                       "bits_per_weight": out["bits_per_weight"]})
         res["switch"] = sw
         # cached widths: switching back to a width built before costs no build
         model.set_precision(4, cache=True)
@@ -623,8 +603,6 @@ def e2e_bench(models: list[str], decode: int, prefill: int, rounds: int) -> list
                                       decode_tok_s=statistics.fmean(r["switch"][i]["decode_tok_s"] for r in rs),
                                       read_bytes_during_switch=max(r["switch"][i]["read_bytes_during_switch"] for r in rs),
                                       resident_bytes=rs[0]["switch"][i]["resident_bytes"],
-                                      fresh_bytes=rs[0]["switch"][i]["fresh_bytes"],
-                                      fresh_touch_seconds=statistics.fmean(r["switch"][i]["fresh_touch_seconds"] for r in rs),
                                       bits_per_weight=rs[0]["switch"][i]["bits_per_weight"])
                                  for i, st in enumerate(rs[0]["switch"])]
                 row["cached_switch_seconds"] = mean("cached_switch_seconds")
@@ -699,9 +677,7 @@ def checks(layer_rows: list[dict], e2e_rows: list[dict]) -> list[tuple[str, bool
                     ", ".join(f"int{r} {v:.3f} (r/8 = {r / 8:.3f})" for r, v in ratios.items())))
         sw = g["switch"]["switch"]
         slow = [s for s in sw if s["switch_seconds"] >= 1]
-        out.append(("run-time switch 8→4→2→8 each < 1 s", not slow, ", ".join(f"→{s['to']} {s['switch_seconds'] * 1e3:.0f} ms" + (f" ({s['fresh_bytes'] / 2**20:.0f} MiB new memory, whose "
-                              f"first write alone took {s['fresh_touch_seconds'] * 1e3:.0f} ms)" if s.get("fresh_bytes") else "")
-                              for s in sw)))
+        out.append(("run-time switch 8→4→2→8 each < 1 s", not slow, ", ".join(f"→{s['to']} {s['switch_seconds'] * 1e3:.0f} ms" for s in sw)))
         read = max(s["read_bytes_during_switch"] for s in sw)
         out.append(("the switches read nothing from files (read syscalls and storage reads, /proc/self/io)", read == 0, f"{read} bytes"))
         within = [(x["to"], x["ratio"]) for x in g["switch"].get("side_by_side", [])]
@@ -772,20 +748,11 @@ def write_report(bandwidth, layer_rows, e2e_rows, notes, seconds, quick):
             sw = next((r for r in rows if r["format"] == "switch"), None)
             if sw:
                 lines.append("Run-time switch (one nested int8 checkpoint in memory):\n")
-                srows = [dict(s, ms=s["switch_seconds"] * 1e3, mib=s["resident_bytes"] / 2**20,
-                              fresh_mib=s.get("fresh_bytes", 0) / 2**20, touch_ms=s.get("fresh_touch_seconds", 0) * 1e3)
-                         for s in sw["switch"]]
+                srows = [dict(s, ms=s["switch_seconds"] * 1e3, mib=s["resident_bytes"] / 2**20) for s in sw["switch"]]
                 lines.append(fmt_table(srows, [("to", "switch to int", ""), ("ms", "switch ms", ".0f"),
-                                               ("fresh_mib", "new memory MiB", ".0f"),
-                                               ("touch_ms", "first write of as much fresh memory, ms", ".0f"),
                                                ("read_bytes_during_switch", "bytes read from files", ""),
                                                ("decode_tok_s", "decode tok/s after", ".1f"), ("bits_per_weight", "bits/weight", ".2f"),
                                                ("mib", "resident MiB", ".1f")]))
-                lines.append("\nA switch builds its working copies in the memory the previous width's copies free "
-                             "(hugepages.recycling); what they cannot hold is new memory, and the column beside it "
-                             "is the time this process then took to write as many bytes of a fresh mapping: on a VM "
-                             "whose host backs memory on demand that, not the slicing, is most of a switch up from "
-                             "int8.\n")
                 lines.append(f"\nWith `cache=True` (every built width kept): switching back to a cached width took "
                              f"{sw['cached_switch_seconds'] * 1e3:.1f} ms; resident {sw['cached_resident_bytes'] / 2**20:.1f} MiB.\n")
                 for x in sw.get("side_by_side", []):

@@ -15,20 +15,19 @@ int3 g128 0.87 [0.68, 1.09] (4 runs), int2 1.01 [0.94, 1.14], OneBit 0.98 [0.86,
 [0.94, 1.03]. The formats that read the most bytes gain; the compute-bound ones (int2, OneBit) do not; this VM's
 run-to-run noise is ±10 %.
 
-A precision switch frees one working copy per layer and builds another (nn/qlinear.py): inside `recycling()` a
-freed mapping is kept and the next request it can hold takes it, so a switch to a narrower width (4 → 2) builds
-its copies in memory the process already has. Fresh memory is what a switch pays for: on this Firecracker VM the
-first write of fresh pages costs 0.6–1.4 s per GiB (1 GiB touched once per 4 KiB page, `python3 -c` over an
-anonymous mmap, 4 KiB or huge pages alike, even after all 18 GiB free had been touched before: the host backs
-guest memory on demand), while slicing the 1.1B-shape model's codes to int4 takes 85–130 ms; reused memory is
-written at memory speed.
+The working copies a run-time switch builds (kernels.slice_pack) stay on ordinary pages: on this Firecracker VM a
+fresh huge page costs about five times what its 512 small pages cost to fault in — `python bench/switch_cost.py
+--rounds 1 --pages small|huge` (1.1B shape, int8 → int4, 462 MiB of copies, first write in a fresh process, 3
+runs each, alternating): 529–736 ms on huge pages, 119–135 ms on 4 KiB pages, beside 61–138 ms of slicing — while decoding after the switch measured the same
+either way (switched ÷ standalone int-r, `bench/speed.py`'s side-by-side, two runs each: int4 1.03 and 0.99 on huge
+pages, 1.07 and 0.94 on small; int2 0.94 and 0.91, 0.93 and 0.97). Copies built at load time
+(`load_model(dir, bits=r)`) are placed with the rest by runtime.attach.
 
 BITNEST_HUGEPAGES=0 turns placement off. Elsewhere (not Linux, THP `never`, a failed mapping) `place` returns its
 argument unchanged.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import mmap
 import os
@@ -44,7 +43,6 @@ _MAP_PRIVATE_ANON = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 _libc = None
 _ok: bool | None = None
-_pool: list[tuple[int, int]] | None = None  # (address, length) of mappings freed inside recycling()
 
 
 def _thp_mode() -> str:
@@ -78,57 +76,9 @@ def supported() -> bool:
     return _ok
 
 
-def _release(addr: int, length: int) -> None:
-    """A mapping's tensor died: keep it for the next request while recycling, else give it back."""
-    pool = _pool
-    if pool is not None:
-        pool.append((addr, length))
-    else:
-        _libc.munmap(addr, length)
-
-
-def _reuse(length: int) -> tuple[int, int] | None:
-    """The smallest pooled mapping of ≥ length, cut to length (the tail goes back to the system); None when none
-    fits — then the pool is emptied: what it holds is too small for this switch's copies, and keeping it would
-    raise the switch's peak memory by the old copies' bytes."""
-    pool = _pool
-    if not pool:
-        return None
-    fits = [m for m in pool if m[1] >= length]
-    if not fits:
-        while pool:
-            _libc.munmap(*pool.pop())
-        return None
-    addr, have = min(fits, key=lambda m: m[1])
-    pool.remove((addr, have))
-    if have > length:
-        _libc.munmap(addr + length, have - length)
-    return addr, length
-
-
-@contextlib.contextmanager
-def recycling():
-    """Mappings freed inside the block are reused by requests inside it; what is left is released at its end."""
-    global _pool
-    if _pool is not None or not supported():  # nested: the outer block releases
-        yield
-        return
-    _pool = []
-    try:
-        yield
-    finally:
-        pool, _pool = _pool, None
-        for m in pool:
-            _libc.munmap(*m)
-
-
 def _map(nbytes: int) -> tuple[int, int] | None:
-    """(address, length) of a mapping of ≥ nbytes starting on a 2 MiB boundary, advised huge (a recycled one
-    inside `recycling()`, else fresh); None on failure."""
+    """(address, length) of a fresh mapping of ≥ nbytes starting on a 2 MiB boundary, advised huge; None on failure."""
     length = -(-nbytes // PAGE) * PAGE
-    got = _reuse(length)
-    if got is not None:
-        return got
     raw = _libc.mmap(None, length + HUGE, _PROT_RW, _MAP_PRIVATE_ANON, -1, 0)
     if raw in (None, ctypes.c_void_p(-1).value):
         return None
@@ -148,15 +98,14 @@ def is_placed(t: torch.Tensor) -> bool:
 
 
 def _mapped(nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor | None:
-    """A tensor over a huge-page mapping (released when the tensor's storage dies): zero-filled when fresh, the
-    previous contents when recycled."""
+    """A zero-filled tensor over a fresh huge-page mapping (unmapped when the tensor's storage dies)."""
     m = _map(nbytes)
     if m is None:
         return None
     addr, length = m
     buf = (ctypes.c_uint8 * nbytes).from_address(addr)
     # the tensor's storage keeps buf alive; not at interpreter exit (a daemon thread may still be decoding)
-    weakref.finalize(buf, _release, addr, length).atexit = False
+    weakref.finalize(buf, _libc.munmap, addr, length).atexit = False
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
 
 
@@ -165,8 +114,7 @@ def wanted(nbytes: int, min_bytes: int = HUGE) -> bool:
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty(shape, dtype=dtype) on the CPU, on huge pages when it is ≥ 2 MiB (contents undefined, as
-    torch.empty's)."""
+    """torch.empty(shape, dtype=dtype) on the CPU, on huge pages when it is ≥ 2 MiB (then zero-filled)."""
     shape = torch.Size(shape)
     nbytes = shape.numel() * dtype.itemsize
     out = _mapped(nbytes, dtype, shape) if nbytes and wanted(nbytes) else None

@@ -66,7 +66,7 @@ def set_precision(model: nn.Module, bits: int | Mapping[str, int] | None = None,
         if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= mods[n].bits:
             raise BitnestError(f"cannot serve {n} at {r!r} bits: it stores {mods[n].bits}-bit codes (choose 1..{mods[n].bits})")
     t0 = time.perf_counter()
-    with torch.no_grad(), hugepages.recycling():  # a layer's new copy reuses the mapping its old one frees
+    with torch.no_grad():
         for n, m in mods.items():
             if cache is not None and hasattr(m, "cache_slices"):
                 m.cache_slices = cache

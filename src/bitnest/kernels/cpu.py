@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from .. import hugepages
 from .reference import LN_EPS, affine_input, int8_quantize_input, sign_epilogue
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
@@ -249,7 +248,6 @@ def int8(x: torch.Tensor, p) -> torch.Tensor:
 
 
 def slice_pack(qweight: torch.Tensor, c: int, r: int, in_features: int, clamp: bool = True) -> torch.Tensor:
-    """The slice written straight into huge pages where it is large enough (bitnest/hugepages.py): a working copy
-    is streamed by every token, like the codes it comes from."""
-    out = hugepages.empty((qweight.shape[0], (in_features * (r if clamp else r + 1) + 7) // 8), torch.uint8)
-    return ext().slice_pack(qweight, c, r, in_features, clamp, out)
+    """The r-bit slice, on ordinary pages: a switch writes it into fresh memory, and fresh huge pages cost several
+    times more to fault in than the kernels gain from them (bitnest/hugepages.py)."""
+    return ext().slice_pack(qweight, c, r, in_features, clamp, None)
