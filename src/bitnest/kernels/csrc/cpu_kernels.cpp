@@ -2149,8 +2149,8 @@ inline uint64_t slice8(uint64_t w, int s, int r, int ob, bool clamp) {
 
 // c-bit codes packed at c bits (N, ⌈K·c/8⌉) -> t = min((q >> s) + ((q >> (s−1)) & 1), 2^r − 1), s = c − r,
 // packed at r bits (clamp=false: no min, t may reach 2^r, written at r + 1 bits). Same bits as
-// grids/nested.py::slice_codes followed by formats/packing.py::pack. out_: where to write (the caller's huge-page
-// buffer, bitnest/hugepages.py), else a new tensor.
+// grids/nested.py::slice_codes followed by formats/packing.py::pack. out_: where to write (a caller's
+// buffer; kernels/cpu.py passes none: a switch's copies stay on ordinary pages), else a new tensor.
 Tensor slice_pack(const Tensor& qweight, int64_t c, int64_t r, int64_t K, bool clamp, const optional<Tensor>& out_) {
   TORCH_CHECK(qweight.dtype() == at::kByte && qweight.is_contiguous() && qweight.size(1) == (K * c + 7) / 8, "slice qweight");
   TORCH_CHECK(1 <= r && r < c && c <= 8, "slice widths");
