@@ -205,7 +205,7 @@ def test_weight_row_pairs_and_segments(bits, group_size):
     """From 8 activation rows the spread kernels take weight rows in pairs against L2-sized K-segments: odd row counts
     (a last unpaired row), 8–16 activation rows with a remainder of 1–7 (their own passes after the pairs), K over
     several segments (16 rows: 4096 floats each) — affine (fp32 and bf16: the pair kernels) and codebook layers. One
-    row: K = 9216 fp32 activations exceed L1, so per-channel rows of b = 2, 4 run in two pieces of 4608."""
+    row: K = 9216 fp32 activations exceed L1, so rows of b = 2, 4 (per channel and grouped) run in two pieces of 4608."""
     g = torch.Generator().manual_seed(bits * 100 + (group_size or 0))
     n_in, out = 3 * 3072, 7  # 9216: two segments and a partial third at 16 rows; every spread block width divides it
     with cpu.lut_max_batch(0):
