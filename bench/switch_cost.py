@@ -6,8 +6,9 @@ Loads a nested (sliced int8) checkpoint — by default the 1.1B-shape one bench/
 in this fresh process and, for every nested layer, does what `set_precision(r)` does in two timed steps: a new
 r-bit working copy written once (`fresh write`: on ordinary pages as the switch allocates it, or `--pages huge`
 on 2 MiB pages, bitnest/hugepages.py), then the C++ slice of the int8 codes into it (`slice`, the same memory, now
-written). Each round frees the copies before the next, so later rounds show memory the process had before. Run
-it once per page kind, each in a fresh process. Prints a table; nothing is written.
+written). Each round frees the copies before the next (small pages: later rounds may reuse what glibc kept; huge
+pages are unmapped and mapped afresh). The first round is what a first switch pays: run it once per page kind,
+each in a fresh process. Prints a table; nothing is written.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(CACHE / "tinyllama-1.1b-shape-sliced8"),
                     help="a nested bitnest checkpoint (default: bench/speed.py's 1.1B-shape sliced int8)")
-    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--bits", type=int, default=4, choices=range(1, 8), metavar="1..7")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pages", choices=("small", "huge"), default="small",
                     help="where the copies live: ordinary pages (what a switch uses) or huge pages")
@@ -42,13 +43,22 @@ def main() -> int:
         return 2
     threads()
     from bitnest import hugepages, runtime
+    from bitnest.errors import BitnestError
+    from bitnest.formats.packing import packed_len
     from bitnest.kernels import cpu
     from bitnest.models.hf import load_model
     if not cpu.available():
         print("error: the C++ kernels are not available here", file=sys.stderr)
         return 2
-    model = load_model(args.model, dtype=torch.bfloat16).model
+    try:
+        model = load_model(args.model, dtype=torch.bfloat16).model
+    except BitnestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     layers = [m for m in runtime.nested_layers(model).values() if m.bits == 8]
+    if not layers:
+        print(f"error: {args.model} has no nested int8 layers (a sliced or matquant checkpoint has)", file=sys.stderr)
+        return 2
     r, ext = args.bits, cpu.ext()
     rows = []
     for rnd in range(args.rounds):
@@ -57,7 +67,7 @@ def main() -> int:
         for m in layers:
             K = m.in_features
             t0 = time.perf_counter()
-            shape = (m.qweight.shape[0], K * r // 8)
+            shape = (m.qweight.shape[0], packed_len(K, r))
             out = hugepages.empty(shape, torch.uint8) if args.pages == "huge" else torch.empty(shape, dtype=torch.uint8)
             out.fill_(0)  # every page of the copy written once: what the switch's first writes pay
             t1 = time.perf_counter()
@@ -66,7 +76,7 @@ def main() -> int:
             fresh += t1 - t0
             copies.append(out)
         nbytes = sum(c.numel() for c in copies)
-        del copies
+        del copies, out
         rows.append(dict(round=rnd + 1, mib=nbytes / 2**20, fresh_ms=fresh * 1e3, slice_ms=sl * 1e3,
                          fresh_gbs=nbytes / fresh / 1e9, slice_gbs=(nbytes * 8 / r) / sl / 1e9))
     print(f"{args.model}: {len(layers)} nested layers, int8 → int{r} working copies, "

@@ -80,7 +80,7 @@ def test_loader_slices_and_modules_are_placed(tmp_path):
     assert torch.equal(st["q"], q8) and hp.is_placed(st["q"]) and st["s"].dtype == torch.float16
     if cpu.available():  # a switch's working copy stays on ordinary pages: fresh huge pages fault in slowly here
         s4 = slice_pack(q8, 8, 4, 4096)
-        assert not hp.is_placed(s4) and _vma(s4.untyped_storage().data_ptr()) is None
+        assert _vma(s4.untyped_storage().data_ptr()) is None  # not a mapping of its own
         assert torch.equal(s4, pack(slice_codes(unpack(q8, 8, 4096), 8, 4), 4))
     m = torch.nn.Module()
     m.register_buffer("qweight", q8.clone())
@@ -101,19 +101,3 @@ def test_place_module_drops_cached_views():
     assert hp.place_module(q) == 2 << 20 and "_view" not in q.__dict__ and hp.is_placed(q.qweight)
     assert torch.equal(q(x), y) and q.packed.qweight is q.qweight
 
-
-@needs_thp
-@pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the slices are built by the reference")
-def test_slices_built_at_load_are_placed_by_attach():
-    from bitnest import runtime
-    from bitnest.grids.affine import AffineSpec
-    from bitnest.nn.qlinear import QuantLinear
-    model = torch.nn.Sequential(QuantLinear.from_linear(torch.nn.Linear(4096, 2048, bias=False), AffineSpec(8, None, False)))
-    model[0].set_serve_bits(4)  # as load_model(dir, bits=4) slices before runtime.attach
-    x = torch.randn(2, 4096)
-    y = model(x)
-    assert not hp.is_placed(model[0].qweight_r)
-    runtime.attach(model)
-    assert hp.is_placed(model[0].qweight_r) and torch.equal(model(x), y)
-    model.set_precision(2)  # built by a switch: ordinary pages
-    assert not hp.is_placed(model[0].qweight_r)

@@ -15,13 +15,14 @@ int3 g128 0.87 [0.68, 1.09] (4 runs), int2 1.01 [0.94, 1.14], OneBit 0.98 [0.86,
 [0.94, 1.03]. The formats that read the most bytes gain; the compute-bound ones (int2, OneBit) do not; this VM's
 run-to-run noise is ±10 %.
 
-The working copies a run-time switch builds (kernels.slice_pack) stay on ordinary pages: on this Firecracker VM a
-fresh huge page costs about five times what its 512 small pages cost to fault in — `python bench/switch_cost.py
+The r-bit working copies of nested layers (kernels.slice_pack: built by a switch, or at the first forward of a
+model loaded with `bits=r`) stay on ordinary pages: on this Firecracker VM a fresh huge page costs about five
+times what its 512 small pages cost to fault in — `python bench/switch_cost.py
 --rounds 1 --pages small|huge` (1.1B shape, int8 → int4, 462 MiB of copies, first write in a fresh process, 3
 runs each, alternating): 529–736 ms on huge pages, 119–135 ms on 4 KiB pages, beside 61–138 ms of slicing —
 while decoding after the switch measured the same either way (switched ÷ standalone int-r, `bench/speed.py`'s
 side-by-side, two runs each: int4 1.03 and 0.99 on huge pages, 1.07 and 0.94 on small; int2 0.94 and 0.91, 0.93
-and 0.97). Copies built at load time (`load_model(dir, bits=r)`) are placed with the rest by runtime.attach.
+and 0.97; the standalone int-r files were on huge pages).
 
 BITNEST_HUGEPAGES=0 turns placement off. Elsewhere (not Linux, THP `never`, a failed mapping) `place` returns its
 argument unchanged.
