@@ -100,4 +100,3 @@ def test_place_module_drops_cached_views():
     assert "_view" in q.__dict__
     assert hp.place_module(q) == 2 << 20 and "_view" not in q.__dict__ and hp.is_placed(q.qweight)
     assert torch.equal(q(x), y) and q.packed.qweight is q.qweight
-

@@ -62,9 +62,6 @@
 #ifndef BN_PFH
 #define BN_PFH _MM_HINT_T1  // into L2, not L1: Zen 4 (EPYC, 4096², batch 1, cold) int8 945 → 568 µs, int4 bf16 466 → 289
 #endif
-#ifndef BN_PIECES_G  // bit b set: grouped rows of width b decode a long x in L1-sized segments too (spread_rows)
-#define BN_PIECES_G 20  // b = 2, 4
-#endif
 #ifndef BN_X1
 #define BN_X1 24576  // bytes of one activation row's x that a decode pass keeps in L1 (see spread_rows)
 #endif
@@ -901,15 +898,15 @@ void spread_rows(D& d, const float* XP, int64_t M, const float* S, float* Y, int
   int64_t blk0_ = 0, blk1_ = 0;  // the current segment's blocks
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t m = 0; m < M; ++m) Y[m * N + i] = 0.f;
-  // One row (decode), per channel, b = 2 or 4, x past BN_X1 bytes (K > 6144 in fp32): L1-sized segments. These
+  // One row (decode), b = 2 or 4, x past BN_X1 bytes (K > 6144 in fp32): L1-sized segments. These
   // decode faster than L2 feeds them one x float per weight (warm, 2 threads: int4 fp32 1840 µs at 4096×11008 with
   // 43 KB of x per row against 1150 at 11008×4096; bf16 pairs, 22 KB, 823 vs 918). Cold 4096×11008, 4 runs
-  // (bench/kernel_ab.py): int4 0.60–0.96× the time, int2 0.72–0.98×. Grouped rows of b = 2, 4 too (BN_PIECES_G;
-  // cold 4096×11008 fp32, 3 runs: int4 g128 0.62–0.66×, int2 g64 0.83–0.84×). Not b = 3 (0.88–1.12×; int3 g128
+  // (bench/kernel_ab.py): int4 0.60–0.96× the time, int2 0.72–0.98×; grouped rows too (cold 4096×11008
+  // fp32, 3 runs: int4 g128 0.62–0.66×, int2 g64 0.83–0.84×). Not b = 3 (0.88–1.12×; int3 g128
   // 1.00–1.07×), int8 (memory-bound: 1.12–1.78×). In segments a row is read a piece at a time, so the prefetch runs
   // rows ahead at the same offset.
   const int64_t seg1 = std::max<int64_t>(unit, BN_X1 / (4 * D::SP::XE / E) / unit * unit);
-  const bool pieces = M == 1 && (kr.whole ? (D::B == 2 || D::B == 4) : ((BN_PIECES_G >> D::B) & 1)) && d.K() > seg1;
+  const bool pieces = M == 1 && (D::B == 2 || D::B == 4) && d.K() > seg1;
   if (pieces) {
     const int64_t nseg = (d.K() + seg1 - 1) / seg1;  // segments of equal size (K = 11008 fp32: 2 × 5504)
     seg = ((d.K() + nseg - 1) / nseg + unit - 1) / unit * unit;
