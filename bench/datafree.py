@@ -255,7 +255,7 @@ def main(argv=None) -> int:
             "optimize=True)` (half-quadratic zero fitting, p = 0.7, its defaults), `hqq`/`rtn` the same call with "
             "optimize=False; HQQ dequantizes with fp32 scale/zero but is counted at 16 bits each (3-bit codes packed "
             "10 per int32). `lpfit` options: " + (", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults")
-            + " (p = 0.7, β = 1 step ×1.05, 30 iterations, clip-ratio start, scale and zero, every weight's error "
+            + " (p = 0.95, β = 1 step ×1.05, 30 iterations, clip-ratio start, scale and zero, every weight's error "
             "weighted by σ_group + 0.25·|w|). `sliced` / `lpfit_nested` = one int8 checkpoint served at 8/4/3/2 by "
             "MatQuant slicing (quant s = the int8 fit, once). stories260K is a "
             f"TinyStories model (both texts out of domain; widths 64/172 admit no group of 64). Run time {minutes:.1f} min.\n")

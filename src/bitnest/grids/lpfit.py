@@ -18,6 +18,9 @@ default t = 0.25 was chosen on bench/datafree.py's first 64 windows (t = 0, 0.25
 keeps stories260K's 3-bit lead while fixing ref-10m's (BENCHMARKS.md, "Data-free grids"). Symmetric grids fit α alone
 (z = 2^(b−1) is implicit); `int_zero` rounds z to a code after each step.
 
+`fit_lp`'s own default p = 0.7 is HQQ's objective (the tests compare with HQQ on it); the `lpfit` method's default
+is p = 0.95, chosen on validation text (methods/lpfit.py).
+
 Slice-aware (`fit_lp(..., widths=...)`): a c-bit parent (int8) served at r bits by MatQuant slicing S(q, r)
 (grids/nested.py). The objective is Σ_r λ_r Σ |w − α(S(q, r) − z)|^p / E_r over the target widths, E_r the
 error of the plain MinMax parent's slice (so int8's small error is not drowned by int2's); the least-squares
