@@ -22,7 +22,10 @@ from . import QuantConfig, register
 class LpFitConfig(QuantConfig):
     # the ℓp exponent of the weight error (< 1: a sparse error is cheap; HQQ uses 0.7). 0.95 was chosen on text no
     # table scores (WikiText-2 valid, C4 rows 1600-1799), ref-10m per channel and g64 and stories260K per channel at
-    # 2 and 3 bits, among p = 0.5, 0.7, 0.85, 0.9, 0.95, 1: it beat 0.7 in 10 of those 12 cells (BENCHMARKS.md)
+    # 2 and 3 bits, among p = 0.5, 0.7, 0.85, 0.9, 0.95, 1: it beat 0.7 in 9 of those 12 cells (not stories260K at
+    # 3 bits; ref-10m 2 bits per channel on C4 by 0.0001) (bench/lpfit_select.py; BENCHMARKS.md, "choosing lpfit's
+    # p"). p = 1 beat 0.7 in all 12, by margins mostly within noise of 0.95's; 0.95 keeps the fit an ℓp one with
+    # p < 1 (what the method is for: its proximal step leaves large residuals to the sparse error)
     p: float = 0.95
     beta: float = 1.0  # half-quadratic penalty at the start, in units of each group's step α
     kappa: float = 1.05  # β ← κβ per iteration
