@@ -1,6 +1,6 @@
 """How lpfit's default p was chosen: the ℓp exponent scored on text that no quality table uses.
 
-    python bench/lpfit_select.py                       # ≈ 20 min on 2 cores; BENCHMARKS.md + results JSON
+    python bench/lpfit_select.py                       # ≈ 9 min on 2 cores; BENCHMARKS.md + results JSON
     python bench/lpfit_select.py --p 0.7,0.95 --models stories260K --limit 8 --no-write   # smoke run
 
 Selection texts (never the test texts of bench/datafree.py): WikiText-2 *validation* (the word-level file
@@ -106,17 +106,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="stories260K,ref-10m")
     ap.add_argument("--p", default="0.5,0.7,0.85,0.9,0.95,1.0", help="the ℓp exponents tried")
-    ap.add_argument("--limit", type=int, default=0, help="windows per text (default: 128 for ref-10m, 64 for stories260K)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="windows per text (default: 128 for ref-10m, 64 for stories260K; 0: every window)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    ps = [float(x) for x in a.p.split(",")]
+    ps = sorted({float(x) for x in a.p.split(",")})
+    models = a.models.split(",")
+    bad = [n for n in models if n not in SETTINGS]
+    if bad:
+        print(f"error: unknown model {bad[0]!r}; choose from {', '.join(SETTINGS)}", file=sys.stderr)
+        return 2
     t0 = time.time()
     rows = []
-    for name in a.models.split(","):
-        rows += model_rows(name, ps, a.limit or LIMITS[name], a.data_dir)
+    limits = {n: LIMITS[n] if a.limit is None else (a.limit or None) for n in models}
+    for name in models:
+        rows += model_rows(name, ps, limits[name], a.data_dir)
     text, lines = table(rows, ps)
     print(text + "\n" + "\n".join(lines))
     if a.no_write:
@@ -125,9 +132,9 @@ def main() -> int:
     note = ("Selection of lpfit's default ℓp exponent on text no quality table uses: WikiText-2 validation (the "
             "word-level file, `<unk>` included) and C4 rows 1600–1799 (ref-10m's training documents; the tables "
             "score rows 1800–1999). Every Linear of the decoder blocks, asymmetric grids; first "
-            + ", ".join(f"{LIMITS[n] if not a.limit else a.limit} windows for {n}" for n in a.models.split(","))
+            + ", ".join(f"{limits[n] or 'all'} windows for {n}" for n in models)
             + " at each model's training context. Cells: ΔNLL vs FP (nats/token) and, in brackets, lpfit − hqq_opt "
-            "with its paired bootstrap 95 % interval; bold = the lowest ΔNLL of the row. lpfit's other options at "
+            "with its paired bootstrap 95 % interval; bold = the lowest ΔNLL among the p columns. lpfit's other options at "
             f"their defaults. Run time {(time.time() - t0) / 60:.1f} min.\n")
     write_section("lpfit_select", header("Data-free grids: choosing lpfit's p on validation text", note) + "\n"
                   + text + "\n\n" + "\n".join(f"- {x}" for x in lines))

@@ -72,6 +72,11 @@ def parse(argv=None):
     return a
 
 
+def _lpfit_p() -> float:
+    from bitnest.methods.lpfit import LpFitConfig
+    return LpFitConfig().p
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -260,7 +265,7 @@ def report(rows, checks, a, minutes, kept=()) -> str:
             f"training tokens shared by every calibrated row; MatGPTQ precisions {a.precisions}, λ {lam}, one compensated copy "
             f"of W per width (matgptq_shared: the paper's one W, λ-mean error), slice-aware clip "
             f"{'on (max side stretched up to 4/3, scored on H’s 128-input diagonal blocks, per group with groups)' if a.clip else 'off'} "
-            f"(GPTQ rows: plain, no clip); "
+            f"(GPTQ rows: plain, no clip); lpfit at its defaults (p = {_lpfit_p()}); "
             + ("MatQuant QAT / OmniQuant not rerun (below). " if a.skip_trained else
                f"MatQuant QAT {a.qat_steps} steps × 4 × 256 tokens, OmniQuant {a.omni_steps} steps per block on 64 of "
                "the calibration sequences (R = 8, 4, 2; int3 interpolated). ")

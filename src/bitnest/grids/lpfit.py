@@ -14,7 +14,7 @@ the result is never worse than RTN in either (ι-weighted) norm.
 Every error is weighted per weight by ι = σ + t|w| (σ the group's RMS, t = `magnitude_weight`): the data-free
 importance of llama.cpp's k-quant scale search without an imatrix (make_qkx2_quants, t = 1). Large weights carry the outlier features, and an
 unweighted p < 1 fit is happy to clip them (a sparse error is cheap in ℓp); t = 0 weighs every weight alike. The
-default t = 0.25 was chosen on bench/datafree.py's first 64 windows (t = 0, 0.25, 0.5, 1, 2): it is the only value that
+default t = 0.25 was chosen at p = 0.7 on bench/datafree.py's first 64 windows (t = 0, 0.25, 0.5, 1, 2): it is the only value that
 keeps stories260K's 3-bit lead while fixing ref-10m's (BENCHMARKS.md, "Data-free grids"). Symmetric grids fit α alone
 (z = 2^(b−1) is implicit); `int_zero` rounds z to a code after each step.
 
