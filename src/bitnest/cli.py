@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     d.add_argument("--out", default="runs/demo", help="where the Matryoshka checkpoint is saved")
     d.add_argument("--ctx", type=ctx_arg, default=256)
-    d.add_argument("--limit", type=int, default=64, help="windows per dataset (default 64, to stay under 3 minutes on 2 cores)")
+    d.add_argument("--limit", type=int, default=64, help="windows per dataset (default 64: the demo takes about 6 minutes on 2 cores)")
     d.add_argument("--matquant-steps", type=int, default=24,
                    help="QAT steps (4 × ctx tokens each) for the MatQuant rows; 0 leaves them out")
     d.add_argument("--onebit-steps", type=int, default=48,
