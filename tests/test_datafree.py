@@ -165,3 +165,26 @@ def test_cli(tiny_llama_dir, tmp_path, capsys):
     assert main(["quantize", "--model", str(tiny_llama_dir), "--method", "lpfit", "--bits", "4", "-o", "nested=true",
                  "-o", "widths=8,4", "-o", "iters=3", "--out", str(tmp_path / "n"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "n" / "config.json").read_text())["quantization_config"]["nested"]
+
+
+def test_lpfit_select_counts_wins_against_p07():
+    """bench/lpfit_select.py's table: bold marks the lowest ΔNLL among the p columns, and a p 'beats 0.7' only in
+    the cells where its ΔNLL is strictly lower (ties do not count)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import lpfit_select as ls
+
+    def row(p, wiki, c4, method="lpfit"):
+        r = {"model": "m", "bits": 3, "group_size": "channel", "method": method, "p": p,
+             "d_nll_wikitext2_valid": wiki, "d_nll_c4_1600": c4}
+        if method == "lpfit":
+            r.update(vs_hqq_opt_wikitext2_valid=[wiki - 0.1, wiki - 0.2, wiki], vs_hqq_opt_c4_1600=[c4 - 0.1, c4 - 0.2, c4])
+        return r
+
+    rows = [row(0.7, 0.1, 0.1, "hqq_opt"), row(0.7, 0.05, 0.02), row(0.95, 0.04, 0.02), row(1.0, 0.06, 0.01)]
+    text, lines = ls.table(rows, [0.7, 0.95, 1.0])
+    assert lines == ["p = 0.95: lower ΔNLL than p = 0.7 in 1 of 2 cells", "p = 1.0: lower ΔNLL than p = 0.7 in 1 of 2 cells"]
+    wiki, c4 = [ln for ln in text.splitlines() if ln.startswith("| m ")]
+    bold = lambda line: [i for i, c in enumerate(line.split(" | ")[5:]) if c.startswith("**")]  # p columns
+    assert bold(wiki) == [1] and bold(c4) == [2]  # p = 0.95 on WikiText-2, p = 1 on C4
