@@ -244,6 +244,8 @@ def main(argv=None) -> int:
     if a.no_write:
         return 0
     write_json(f"{a.name}.json", rows)
+    from bitnest.methods.lpfit import LpFitConfig
+    d = LpFitConfig()  # the defaults the lpfit rows ran with (options above override them)
     note = (f"No calibration data. Every Linear of the decoder blocks (FFN + attention), asymmetric grids; embeddings "
             f"and lm_head unquantized. Evaluation: {f'the first {limit} windows' if limit else 'every window'} of WikiText-2 test and of C4 held-out "
             "(rows 1800–1999) at each model's training context, the same windows for every row. ΔNLL (nats/token) vs FP "
@@ -255,8 +257,8 @@ def main(argv=None) -> int:
             "optimize=True)` (half-quadratic zero fitting, p = 0.7, its defaults), `hqq`/`rtn` the same call with "
             "optimize=False; HQQ dequantizes with fp32 scale/zero but is counted at 16 bits each (3-bit codes packed "
             "10 per int32). `lpfit` options: " + (", ".join(f"{k}={v}" for k, v in opts.items()) or "defaults")
-            + " (p = 0.95, β = 1 step ×1.05, 30 iterations, clip-ratio start, scale and zero, every weight's error "
-            "weighted by σ_group + 0.25·|w|). `sliced` / `lpfit_nested` = one int8 checkpoint served at 8/4/3/2 by "
+            + f" (p = {d.p}, β = {d.beta:g} step ×{d.kappa}, {d.iters} iterations, clip-ratio start, scale and zero, "
+            f"every weight's error weighted by σ_group + {d.magnitude_weight}·|w|). `sliced` / `lpfit_nested` = one int8 checkpoint served at 8/4/3/2 by "
             "MatQuant slicing (quant s = the int8 fit, once). stories260K is a "
             f"TinyStories model (both texts out of domain; widths 64/172 admit no group of 64). Run time {minutes:.1f} min.\n")
     title = "Data-free grids: lpfit vs HQQ's optimizer" + ("" if a.name == "datafree" else f" ({a.name})")

@@ -65,7 +65,7 @@ def model_rows(name: str, ps, limit: int, data_dir, log=print) -> list[dict]:
         for p in ps:
             t0 = time.time()
             r = ev(quantize(copy.deepcopy(fp), "lpfit", bits=b, group_size=g, p=p, progress=False))
-            row = {**common, "method": "lpfit", "p": p, "seconds": time.time() - t0}
+            row = {**common, "method": "lpfit", "p": p, "seconds_quantize_and_eval": time.time() - t0}
             for t in TEXTS:
                 row[f"d_nll_{t}"] = r[t].nll - base[t].nll
                 row[f"vs_hqq_opt_{t}"] = list(paired_interval(r[t], hq[t]))
